@@ -1,0 +1,71 @@
+"""prefect-distrain: distributed deep-learning training as one Prefect task, on Ray.
+
+```python
+from prefect import flow
+import prefect_distrain as pd
+
+def train_loop(config):                       # runs on every worker
+    model = pd.torch.prepare_model(Net())
+    for epoch in range(config["epochs"]):
+        ...
+        pd.report({"epoch": epoch, "loss": loss})
+
+@flow
+def retrain():
+    return pd.train(train_loop, config={"epochs": 3}, scaling=pd.ScalingConfig(num_workers=2))
+```
+Importing this package imports neither Prefect nor any framework: workers import it too, and
+they start faster without them. ``pd.train`` (Prefect) and ``pd.torch`` load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .backends import Backend, BackendConfig, available_backends
+from .callbacks import PrintingCallback, TrainingCallback
+from .checkpoint import Checkpoint
+from .config import RunConfig, ScalingConfig
+from .exceptions import (
+    ConfigurationError,
+    DistrainError,
+    RemoteTraceback,
+    ResourcesUnavailableError,
+    WorkerError,
+    WorkerLostError,
+)
+from .result import TrainResult
+from .session import TrainContext, get_checkpoint, get_context, report
+from .trainer import Trainer
+
+if TYPE_CHECKING:
+    from . import torch
+    from .backends.torch import TorchConfig
+    from .tasks import train
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "train": ("prefect_distrain.tasks", "train"),
+    "TorchConfig": ("prefect_distrain.backends.torch", "TorchConfig"),
+    "torch": ("prefect_distrain.torch", None),
+}
+
+__all__ = [
+    "Backend", "BackendConfig", "Checkpoint", "ConfigurationError", "DistrainError",
+    "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError", "RunConfig",
+    "ScalingConfig", "TorchConfig", "TrainContext", "TrainResult", "Trainer",
+    "TrainingCallback", "WorkerError", "WorkerLostError", "available_backends",
+    "get_checkpoint", "get_context", "report", "torch", "train",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'prefect_distrain' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value

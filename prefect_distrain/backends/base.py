@@ -1,0 +1,39 @@
+"""The hooks a backend implements; it acts on workers only through the worker group.
+
+A backend is a small frozen config that names its Backend class. The controller calls
+``on_start`` once the actors exist, ``on_training_start`` right before every run of the
+training function, and ``on_shutdown`` before the actors are killed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from ..worker_group import WorkerGroup
+
+
+class Backend:
+    """Set up and tear down a framework's distributed runtime on a worker group."""
+
+    def on_start(self, worker_group: WorkerGroup, config: BackendConfig) -> None:
+        """Once per group start: e.g. join the process group."""
+
+    def on_training_start(self, worker_group: WorkerGroup, config: BackendConfig) -> None:
+        """Before each run of the training function on the group."""
+
+    def on_shutdown(self, worker_group: WorkerGroup, config: BackendConfig) -> None:
+        """Before the actors are killed after a clean run; not called after a failure, when a
+        collective may hang."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Options of one backend. Subclasses set ``name`` and ``backend_cls``."""
+
+    name: ClassVar[str] = ""
+    backend_cls: ClassVar[type[Backend]] = Backend
+
+    def make_backend(self) -> Backend:
+        return self.backend_cls()

@@ -1,0 +1,128 @@
+"""PyTorch DDP: every rank joins one process group (gloo on CPU, nccl on GPU).
+
+Rank 0 picks its address and a free port; every rank gets MASTER_ADDR / MASTER_PORT, RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and NODE_RANK (what torchrun would set, so code written
+for torchrun works) and all ranks call ``init_process_group`` at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, ClassVar
+
+from .. import constants
+from .base import Backend, BackendConfig
+
+if TYPE_CHECKING:
+    from ..worker_group import WorkerGroup
+
+_INSTALL_HINT = "pip install 'prefect-distrain[torch]'"
+
+#: The CUDA device index of this worker within its CUDA_VISIBLE_DEVICES, or None on CPU.
+_cuda_device_index: int | None = None
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(f"the torch backend needs PyTorch: {_INSTALL_HINT}") from error
+    return torch
+
+
+def cuda_device_index() -> int | None:
+    return _cuda_device_index
+
+
+class _TorchBackend(Backend):
+    def on_start(self, worker_group: WorkerGroup, config: TorchConfig) -> None:
+        use_gpu = worker_group.scaling.use_gpu
+        timeout = constants.backend_setup_timeout()
+        if use_gpu:
+            gpus_by_node: dict[str, list[str]] = {}
+            for member in worker_group.members:
+                ids = gpus_by_node.setdefault(member.metadata["node_id"], [])
+                ids.extend(g for g in member.metadata["gpu_ids"] if g not in ids)
+            gpus_by_node = {k: sorted(v, key=lambda g: (len(g), g)) for k, v in gpus_by_node.items()}
+            worker_group.execute(_share_node_gpus, gpus_by_node, timeout=timeout)
+        address, port = worker_group.execute_single(0, _address_and_free_port, timeout=timeout)
+        worker_group.execute(_join_process_group, address, port,
+                             config.process_group_backend(use_gpu), config.timeout_s,
+                             timeout=timeout)
+
+    def on_shutdown(self, worker_group: WorkerGroup, config: TorchConfig) -> None:
+        worker_group.execute(_leave_process_group, timeout=constants.shutdown_timeout())
+
+
+@dataclass(frozen=True)
+class TorchConfig(BackendConfig):
+    """Options of the torch backend.
+
+    ``backend``: "gloo" or "nccl"; None picks nccl with GPUs and gloo without.
+    ``timeout_s``: collective timeout; 1800 s is torch's own default, long enough for a slow
+    first step or a checkpoint on one rank while the others wait in a collective.
+    """
+
+    backend: str | None = None
+    timeout_s: float = 1800.0
+
+    name: ClassVar[str] = "torch"
+    backend_cls: ClassVar[type[Backend]] = _TorchBackend
+
+    def process_group_backend(self, use_gpu: bool) -> str:
+        return self.backend or ("nccl" if use_gpu else "gloo")
+
+
+def _address_and_free_port() -> tuple[str, int]:
+    import ray
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def _share_node_gpus(gpus_by_node: dict[str, list[str]]) -> None:
+    """Let every worker see all GPUs its node gives the group (nccl needs peers visible), and
+    remember which of them is this worker's own."""
+    import ray
+
+    global _cuda_device_index
+    own = [str(g) for g in ray.get_gpu_ids()]
+    node_gpus = gpus_by_node[ray.get_runtime_context().get_node_id()]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
+    _cuda_device_index = node_gpus.index(own[0]) if own else None
+
+
+def _join_process_group(master_addr: str, master_port: int, backend: str, timeout_s: float) -> None:
+    from ..worker_group import get_worker_info
+
+    torch = import_torch()
+    import torch.distributed as dist
+
+    info = get_worker_info()
+    os.environ.update({
+        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+        "RANK": str(info.world_rank), "WORLD_SIZE": str(info.world_size),
+        "LOCAL_RANK": str(info.local_rank), "LOCAL_WORLD_SIZE": str(info.local_world_size),
+        "NODE_RANK": str(info.node_rank),
+    })
+    if backend == "nccl" and _cuda_device_index is not None:
+        torch.cuda.set_device(_cuda_device_index)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group(backend=backend, init_method="env://", rank=info.world_rank,
+                            world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+CONFIG = TorchConfig

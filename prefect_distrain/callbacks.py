@@ -1,0 +1,34 @@
+"""Driver-side callbacks, as in RaySGD: they see every reported iteration of every rank.
+
+``handle_result(results, **info)`` gets one dict per worker, in rank order, once all ranks have
+reported that iteration. Callbacks run on the driver; an exception in one is logged and training
+goes on, unless the callback sets ``fatal_errors = True``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class TrainingCallback:
+    """Subclass and override what you need; every hook is optional."""
+
+    #: Re-raise this callback's exceptions (ending the run) instead of logging them.
+    fatal_errors: bool = False
+
+    def start_training(self, logdir: str, config: Any, **info: Any) -> None:
+        """Before the training function starts; ``logdir`` is the run's storage URL."""
+
+    def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
+        """One reported iteration: ``results[rank]`` is that rank's metrics."""
+
+    def finish_training(self, error: bool = False, **info: Any) -> None:
+        """After the run, whether it succeeded (``error=False``) or not."""
+
+
+class PrintingCallback(TrainingCallback):
+    """Prints every iteration's results as JSON, like RaySGD's PrintingCallback."""
+
+    def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
+        print(json.dumps(results, default=str))

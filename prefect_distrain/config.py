@@ -1,0 +1,96 @@
+"""What a training run asks for: frozen, validated values with no I/O.
+
+Validation happens at construction, so that a bad value fails in the flow that wrote it instead
+of minutes later on a worker. Plain frozen dataclasses (as in Ray Train) rather than pydantic
+models: a pydantic model is iterable, and Prefect's ``.map()`` would iterate over it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+#: Where runs are stored when RunConfig(storage=...) is not given. Like Ray's ~/ray_results.
+DEFAULT_STORAGE_ENV = "PREFECT_DISTRAIN_STORAGE"
+
+
+def default_storage() -> str:
+    return os.environ.get(DEFAULT_STORAGE_ENV) or os.path.join(
+        os.path.expanduser("~"), "prefect_distrain_results"
+    )
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How many training processes to run and what each one holds.
+
+    Each worker is one Ray actor in one placement-group bundle. A worker asks for 1 CPU by
+    default (plus 1 GPU with ``use_gpu``), the same as Ray Train, so that ``num_workers`` workers
+    fit on a laptop whose Ray counts its cores.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) \
+                or self.num_workers < 1:
+            raise ConfigurationError(
+                f"num_workers must be an integer of at least 1 (got {self.num_workers!r}): set "
+                "ScalingConfig(num_workers=N) to the number of training processes you want")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigurationError(
+                f"placement_strategy {self.placement_strategy!r} is not one of "
+                f"{', '.join(PLACEMENT_STRATEGIES)}")
+        for name, amount in (self.resources_per_worker or {}).items():
+            if not isinstance(amount, (int, float)) or amount < 0:
+                raise ConfigurationError(
+                    f"resources_per_worker[{name!r}] is {amount!r}; give a number >= 0")
+        if (self.resources_per_worker or {}).get("GPU", 0) > 0 and not self.use_gpu:
+            raise ConfigurationError(
+                "resources_per_worker asks for GPUs but use_gpu is False: set use_gpu=True "
+                "so that the backend places the model on the GPU")
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """The Ray resources of one worker's bundle."""
+        resources = {"CPU": 1.0}
+        if self.use_gpu:
+            resources["GPU"] = 1.0
+        resources.update({k: float(v) for k, v in (self.resources_per_worker or {}).items()})
+        return {k: v for k, v in resources.items() if v > 0}
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run keeps its checkpoints.
+
+    ``name`` is the folder under ``storage`` that holds the run (default: the training
+    function's name and the start time). Two calls with the same name and storage are the same
+    run: that is how a retry finds what the attempt before it committed. ``storage`` is a local
+    path or any fsspec URL; ``storage_options`` go to fsspec unchanged and are never shown.
+    """
+
+    name: str | None = None
+    storage: str = field(default_factory=default_storage)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not (isinstance(self.name, str) and _RUN_NAME.match(self.name)):
+            raise ConfigurationError(
+                f"run name {self.name!r} is not usable as a folder name: use letters, digits, "
+                "'.', '_' and '-' (at most 128, starting with a letter or digit)")
+        if not isinstance(self.storage, str) or not self.storage.strip():
+            raise ConfigurationError(
+                f"storage {self.storage!r} is not usable: give a local path or an fsspec URL")

@@ -1,0 +1,237 @@
+"""The driver loop of one run: start the function on every rank, collect reports as they come,
+hand complete iterations to the callbacks, and turn the first failure into one error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cloudpickle
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from . import constants
+from .callbacks import TrainingCallback
+from .checkpoint import Checkpoint
+from .exceptions import ConfigurationError, RemoteTraceback, WorkerError, WorkerLostError
+from .session import TrainContext
+from .storage import RunStorage
+from .worker_group import WorkerGroup
+
+#: Rank-0 metrics are logged at INFO at most this often (plus every checkpoint), so a loop that
+#: reports every step does not flood the run log.
+_LOG_EVERY_S = 5.0
+
+
+@dataclass
+class RunSpec:
+    """Everything one run needs, resolved and validated by the Trainer."""
+
+    train_func: Callable
+    config: Any
+    storage: RunStorage
+    backend_name: str
+    resume_from: Checkpoint | None = None
+    callbacks: list[TrainingCallback] = field(default_factory=list)
+    attempt: int = 0
+
+
+def serialize_train_function(fn: Callable) -> bytes:
+    """Pickle the function once for all workers; say what it captured when that fails."""
+    if not callable(fn):
+        raise ConfigurationError(
+            f"the training function must be callable, got {type(fn).__name__}: pass the "
+            "function itself, e.g. train(train_loop), not train(train_loop())")
+    try:
+        return cloudpickle.dumps(fn)
+    except Exception as error:
+        culprits = ", ".join(_unpicklable_captures(fn)) or "an object that can't be pickled"
+        raise ConfigurationError(
+            f"the training function {getattr(fn, '__qualname__', fn)!r} can't be pickled to "
+            f"send it to the Ray workers: it captures {culprits}. Create such objects inside "
+            f"the function, or pass plain values through config=... ({error})") from error
+
+
+def _unpicklable_captures(fn: Callable) -> list[str]:
+    try:
+        captured = inspect.getclosurevars(fn)
+    except TypeError:
+        return []
+    found = []
+    for kind, names in (("variable", captured.nonlocals), ("global", captured.globals)):
+        for name, value in names.items():
+            try:
+                cloudpickle.dumps(value)
+            except Exception:  # noqa: BLE001 - we are looking for exactly these
+                found.append(f"{kind} {name!r} ({type(value).__module__}.{type(value).__qualname__})")
+    return found
+
+
+def takes_config(fn: Callable) -> bool:
+    try:
+        return len(inspect.signature(fn).parameters) > 0
+    except (TypeError, ValueError):
+        return True
+
+
+class _Iterations:
+    """Pairs the reports of all ranks by iteration number."""
+
+    def __init__(self, world_size: int, callbacks: list[TrainingCallback], logger: logging.Logger):
+        self.world_size = world_size
+        self.callbacks = callbacks
+        self.logger = logger
+        self.pending: dict[int, dict[int, dict]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.latest_checkpoint: Checkpoint | None = None
+        self._last_log = 0.0
+
+    def add(self, rank: int, report: dict[str, Any]) -> None:
+        iteration = report["metrics"]["_training_iteration"]
+        ranks = self.pending.setdefault(iteration, {})
+        ranks[rank] = report
+        if len(ranks) == self.world_size:
+            self._deliver(iteration)
+
+    def _deliver(self, iteration: int) -> None:
+        reports = self.pending.pop(iteration)
+        results = [reports[r]["metrics"] for r in sorted(reports)]
+        checkpoint = next((r["checkpoint"] for r in reports.values() if r["checkpoint"]), None)
+        if checkpoint is not None:
+            self.latest_checkpoint = checkpoint
+        if 0 in reports:
+            self.history.append(reports[0]["metrics"])
+        now = time.monotonic()
+        if checkpoint is not None or now - self._last_log >= _LOG_EVERY_S:
+            self._last_log = now
+            shown = {k: v for k, v in results[0].items() if not k.startswith("_")}
+            saved = f", checkpoint {checkpoint.path}" if checkpoint else ""
+            self.logger.info("Iteration %d: %s%s", iteration, shown, saved)
+        for callback in self.callbacks:
+            _call(callback, "handle_result", self.logger, results,
+                  training_iteration=iteration, checkpoint=checkpoint)
+
+    def flush(self) -> None:
+        """Deliver what some ranks reported and others did not (a misuse, but not lost)."""
+        for iteration in sorted(self.pending):
+            missing = sorted(set(range(self.world_size)) - set(self.pending[iteration]))
+            self.logger.warning(
+                "Iteration %d was reported by some ranks but not by ranks %s: every rank must "
+                "call report() the same number of times", iteration, missing)
+            self._deliver(iteration)
+
+
+def _call(callback: TrainingCallback, hook: str, logger: logging.Logger, *args, **kwargs) -> None:
+    try:
+        getattr(callback, hook)(*args, **kwargs)
+    except Exception:
+        if callback.fatal_errors:
+            raise
+        logger.exception("Callback %s.%s failed; training goes on", type(callback).__name__, hook)
+
+
+def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger
+                 ) -> tuple[list[Any], _Iterations]:
+    """Run the function on every worker of a started group until all return or one fails.
+
+    On failure the group is killed (a survivor may hang in a collective) and the error of the
+    lowest failing rank is raised: the user's own exception type, with the worker's traceback
+    as its cause.
+    """
+    fn_ref = ray.put(serialize_train_function(spec.train_func))
+    first_index = max(spec.storage.checkpoint_indices(), default=0) + 1
+    session_args = [
+        {
+            "context": TrainContext(info=m.info, experiment_name=spec.storage.name,
+                                    storage_url=spec.storage.run_url, attempt=spec.attempt,
+                                    backend=spec.backend_name),
+            "storage": spec.storage,
+            "checkpoint": spec.resume_from,
+            "first_checkpoint_index": first_index,
+        }
+        for m in group.members
+    ]
+    iterations = _Iterations(len(group), spec.callbacks, logger)
+    for callback in spec.callbacks:
+        _call(callback, "start_training", logger, spec.storage.run_url, spec.config,
+              world_size=len(group), backend=spec.backend_name)
+    config = spec.config if spec.config is not None else {}
+    generators = group.run(fn_ref, takes_config(spec.train_func), config, session_args)
+    pending = {gen: rank for rank, gen in enumerate(generators)}
+    returns: list[Any] = [None] * len(group)
+    errors: dict[int, Any] = {}
+    gather_deadline: float | None = None
+    while pending:
+        timeout = None if gather_deadline is None else max(0.0, gather_deadline - time.monotonic())
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+        if not ready:
+            break  # the other ranks' outcomes did not come within the gather window
+        for gen in ready:
+            rank = pending[gen]
+            try:
+                kind, payload = ray.get(next(gen))
+            except StopIteration:
+                del pending[gen]
+                continue
+            except RayActorError as error:
+                kind, payload = "error", WorkerLostError(
+                    f"rank {rank}'s worker died (actor or node lost): {error}", rank=rank)
+            except RayTaskError as error:
+                kind, payload = "error", error.as_instanceof_cause()
+            if kind == "report":
+                iterations.add(rank, payload)
+                continue
+            del pending[gen]
+            if kind == "done":
+                returns[rank] = payload
+            else:
+                errors[rank] = payload
+                if gather_deadline is None:
+                    gather_deadline = time.monotonic() + constants.error_gather_timeout()
+    if errors:
+        world_size = len(group)
+        group.shutdown()
+        for callback in spec.callbacks:
+            _call(callback, "finish_training", logger, error=True)
+        raise _worker_failure(errors, world_size)
+    iterations.flush()
+    for callback in spec.callbacks:
+        _call(callback, "finish_training", logger, error=False)
+    return returns, iterations
+
+
+def _worker_failure(errors: dict[int, Any], world_size: int) -> BaseException:
+    """One exception for the run: the user's error of the lowest rank, else a lost worker."""
+    user_ranks = sorted(r for r, e in errors.items() if isinstance(e, dict))
+    if not user_ranks:
+        return errors[min(errors)]
+    rank = user_ranks[0]
+    described = errors[rank]
+    others = [r for r in sorted(errors) if r != rank]
+    where = f"rank {rank} of {world_size} (pid {described['pid']} on {described['node_ip']})"
+    also = f"; ranks {others} failed too" if others else ""
+    cause = RemoteTraceback(f"\nTraceback on {where}:\n{described['traceback']}")
+    error: BaseException | None = None
+    if described["pickled"] is not None:
+        try:
+            error = pickle.loads(described["pickled"])
+        except Exception:  # noqa: BLE001 - its type may exist only on the worker
+            error = None
+    if error is None:
+        error = WorkerError(f"{described['type']}: {described['message']} (on {where}{also})",
+                            rank=rank, exc_type=described["type"],
+                            traceback=described["traceback"])
+    elif hasattr(error, "add_note"):
+        error.add_note(f"Raised in the training function on {where}{also}.")
+    error.__cause__ = cause
+    error.__suppress_context__ = True
+    try:
+        error.rank = rank  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__
+        pass
+    return error

@@ -1,0 +1,86 @@
+"""One tree of typed errors. Each says whether retrying can help (``retryable``).
+
+Errors cross process boundaries (Ray workers -> driver -> Prefect's result store), so every
+error with its own constructor pickles through ``__reduce__``.
+"""
+
+from __future__ import annotations
+
+
+class DistrainError(Exception):
+    """Base of every error this package raises itself."""
+
+    #: True when the same call may succeed later (lost node, busy cluster); False for a bug or
+    #: a request that can never be met.
+    retryable: bool = False
+
+
+class ConfigurationError(DistrainError, ValueError):
+    """A bad argument to ``train`` / ``Trainer``; the message names the fix."""
+
+
+class ResourcesUnavailableError(DistrainError):
+    """The cluster cannot hold the worker group that was asked for."""
+
+    def __init__(self, message: str, *, requested: dict | None = None,
+                 available: dict | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.requested = requested or {}
+        self.available = available or {}
+        self.retryable = retryable
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, {
+            "requested": self.requested, "available": self.available,
+            "retryable": self.retryable}))
+
+
+class WorkerLostError(DistrainError):
+    """A worker process or its node went away while training ran."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, {"rank": self.rank}))
+
+
+class WorkerError(DistrainError):
+    """A worker raised an exception whose own type could not be rebuilt on the driver.
+
+    The usual case keeps the original exception (its type, so ``except ValueError`` still
+    works); this one stands in when the type lives in a module only the worker can import.
+    """
+
+    def __init__(self, message: str, *, rank: int, exc_type: str, traceback: str):
+        super().__init__(message)
+        self.rank = rank
+        self.exc_type = exc_type
+        self.traceback = traceback
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, {
+            "rank": self.rank, "exc_type": self.exc_type, "traceback": self.traceback}))
+
+
+class RemoteTraceback(Exception):
+    """The traceback of a worker's exception as it was on the worker.
+
+    Set as ``__cause__`` of the re-raised exception, as ``concurrent.futures`` does, so the
+    printed error shows where in the user's function it happened and on which rank.
+    """
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _rebuild(cls, args, state):
+    error = cls(*args, **state)
+    return error

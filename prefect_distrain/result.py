@@ -1,0 +1,28 @@
+"""What a run returns: a plain, picklable value that Prefect can persist."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The outcome of one successful run.
+
+    ``metrics`` is the last report of rank 0 and ``metrics_history`` every report of rank 0 in
+    order; ``worker_results`` holds the training function's return values in rank order.
+    ``checkpoint`` is the latest checkpoint in storage (None if none was reported).
+    """
+
+    metrics: dict[str, Any] | None
+    metrics_history: list[dict[str, Any]]
+    worker_results: list[Any]
+    checkpoint: Checkpoint | None
+    run_name: str
+    path: str
+    backend: str
+    world_size: int
+    wall_time_s: float = field(default=0.0, compare=False)

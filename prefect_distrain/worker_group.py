@@ -1,0 +1,296 @@
+"""The worker group: one Ray actor per training process, in one placement group.
+
+Built on Ray Core's public API only. Backends act on the group through ``execute`` /
+``execute_single``; the controller starts the training function with ``run`` and reads the
+workers' outboxes as Ray streaming generators, so reports reach the driver while training runs
+without any polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import cloudpickle
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from . import constants
+from .config import ScalingConfig
+from .exceptions import ConfigurationError, ResourcesUnavailableError
+from .session import WorkerInfo, _Session, _set_session
+
+logger = logging.getLogger("prefect_distrain")
+
+_worker_info: WorkerInfo | None = None
+
+
+def get_worker_info() -> WorkerInfo:
+    """The calling worker's ranks (for backend hooks that run on the worker)."""
+    if _worker_info is None:
+        raise RuntimeError("get_worker_info() runs only on a worker of a started worker group")
+    return _worker_info
+
+
+class TrainWorker:
+    """The actor behind each rank. Holds no training state between runs but its ranks."""
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
+
+    def set_info(self, info: WorkerInfo) -> None:
+        global _worker_info
+        _worker_info = info
+
+    def execute(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    def run(self, fn_blob: bytes, pass_config: bool, config: Any,
+            session_args: dict[str, Any]) -> Iterator:
+        """Run the training function in a thread and yield its outbox: reports, then one
+        ``("done", value)`` or ``("error", description)``."""
+        session = _Session(**session_args)
+        _set_session(session)
+        rank = session.context.get_world_rank()
+
+        def target() -> None:
+            try:
+                fn = cloudpickle.loads(fn_blob)
+                value = fn(config) if pass_config else fn()
+                session.outbox.put(("done", value))
+            except BaseException as error:  # noqa: BLE001 - every outcome must reach the driver
+                session.outbox.put(("error", describe_error(error, rank)))
+
+        threading.Thread(target=target, name=f"train-loop-rank-{rank}", daemon=True).start()
+        try:
+            while True:
+                kind, payload = session.outbox.get()
+                yield kind, payload
+                if kind != "report":
+                    return
+        finally:
+            _set_session(None)
+
+
+def describe_error(error: BaseException, rank: int) -> dict[str, Any]:
+    """Everything the driver needs to re-raise a worker's exception, as plain data."""
+    try:
+        pickled = cloudpickle.dumps(error)
+    except Exception:  # noqa: BLE001 - an exception that can't travel still gets reported
+        pickled = None
+    return {
+        "rank": rank,
+        "type": f"{type(error).__module__}.{type(error).__qualname__}",
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        "pickled": pickled,
+        "pid": os.getpid(),
+        "node_ip": ray.util.get_node_ip_address(),
+    }
+
+
+# -- Ray itself -------------------------------------------------------------------------------
+
+_ray_lock = threading.Lock()
+_ray_users = 0
+_ray_started_here = False
+
+
+@contextmanager
+def ray_connection(address: str | None = None, init_kwargs: dict | None = None) -> Iterator[None]:
+    """Use the Ray this process is connected to; else connect to ``address`` / ``RAY_ADDRESS``;
+    else start a local Ray. Only a connection made here is closed here, when its last user
+    (e.g. the last of several mapped ``train`` tasks) leaves."""
+    global _ray_users, _ray_started_here
+    with _ray_lock:
+        if not ray.is_initialized():
+            address = address or os.environ.get("RAY_ADDRESS") or None
+            logger.info("Starting a local Ray" if address is None else f"Connecting to Ray at {address}")
+            ray.init(address=address, **(init_kwargs or {}))
+            _ray_started_here = True
+        _ray_users += 1
+    try:
+        yield
+    finally:
+        with _ray_lock:
+            _ray_users -= 1
+            if _ray_users == 0 and _ray_started_here:
+                ray.shutdown()
+                _ray_started_here = False
+
+
+# -- The group --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Member:
+    actor: Any
+    info: WorkerInfo
+    metadata: dict[str, Any]
+
+
+def _fits_per_node(bundle: dict[str, float], node_resources: dict[str, float]) -> int:
+    return min(math.floor(node_resources.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
+
+
+def check_cluster_can_hold(scaling: ScalingConfig) -> None:
+    """Fail in seconds, not after a timeout, when the cluster can never hold the group."""
+    bundle = scaling.worker_resources
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for key, value in node["Resources"].items():
+            if "_group_" not in key and not key.startswith("node:"):
+                totals[key] = totals.get(key, 0.0) + value
+    if scaling.use_gpu and totals.get("GPU", 0) == 0:
+        raise ResourcesUnavailableError(
+            "use_gpu=True but the Ray cluster has no GPUs "
+            f"(cluster: {_describe(totals)}). Set use_gpu=False to train on CPUs, or connect "
+            "to a cluster with GPU nodes (ray_address=... or RAY_ADDRESS)",
+            requested=bundle, available=totals)
+    fits = [_fits_per_node(bundle, n["Resources"]) for n in nodes]
+    n = scaling.num_workers
+    strategy = scaling.placement_strategy
+    if strategy == "STRICT_PACK":
+        holdable = max(fits, default=0)
+    elif strategy == "STRICT_SPREAD":
+        holdable = sum(1 for f in fits if f >= 1)
+    else:
+        holdable = sum(fits)
+    if holdable < n and not constants.autoscaling_allowed():
+        raise ResourcesUnavailableError(
+            f"ScalingConfig asks for {n} workers of {_describe(bundle)} each "
+            f"({strategy}), but this Ray cluster can hold at most {holdable} "
+            f"(cluster: {_describe(totals)} on {len(nodes)} node(s)). Lower num_workers or "
+            "resources_per_worker, or connect to a larger cluster (ray_address=...). On a "
+            f"cluster with an autoscaler set {constants.ALLOW_AUTOSCALING_ENV}=1 to wait instead",
+            requested={k: v * n for k, v in bundle.items()}, available=totals)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "nothing"
+
+
+class WorkerGroup:
+    """``num_workers`` actors, ranked by node so that local ranks are contiguous."""
+
+    def __init__(self, scaling: ScalingConfig):
+        self.scaling = scaling
+        self.members: list[_Member] = []
+        self._placement_group = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def started(self) -> bool:
+        return bool(self.members)
+
+    def start(self) -> None:
+        bundle = self.scaling.worker_resources
+        if not bundle:
+            raise ConfigurationError(
+                "resources_per_worker leaves a worker with no resources at all; Ray needs at "
+                "least one (e.g. {'CPU': 1})")
+        check_cluster_can_hold(self.scaling)
+        pg = placement_group([dict(bundle)] * self.scaling.num_workers,
+                             strategy=self.scaling.placement_strategy)
+        self._placement_group = pg
+        timeout = constants.placement_group_timeout()
+        if not pg.wait(timeout_seconds=timeout):
+            self.shutdown()
+            raise ResourcesUnavailableError(
+                f"{self.scaling.num_workers} workers of {_describe(bundle)} did not fit within "
+                f"{timeout:g} s: the cluster could hold them but other work holds its "
+                f"resources now. Set {constants.PLACEMENT_GROUP_TIMEOUT_ENV} to wait longer",
+                requested=bundle, retryable=True)
+        options: dict[str, Any] = {
+            "num_cpus": bundle.get("CPU", 0),
+            "num_gpus": bundle.get("GPU", 0),
+            "max_concurrency": 2,
+        }
+        if "memory" in bundle:
+            options["memory"] = bundle["memory"]
+        extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
+        if extra:
+            options["resources"] = extra
+        actor_cls = ray.remote(TrainWorker)
+        actors = [
+            actor_cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=i), **options).remote()
+            for i in range(self.scaling.num_workers)
+        ]
+        try:
+            metadata = ray.get([a.metadata.remote() for a in actors],
+                               timeout=constants.backend_setup_timeout())
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            self.shutdown()
+            raise
+        self.members = _rank(actors, metadata)
+        ray.get([m.actor.set_info.remote(m.info) for m in self.members])
+
+    def execute(self, fn: Callable, *args: Any, timeout: float | None = None) -> list[Any]:
+        """Run ``fn(*args)`` on every worker at once; results in rank order."""
+        return ray.get([m.actor.execute.remote(fn, *args) for m in self.members], timeout=timeout)
+
+    def execute_single(self, rank: int, fn: Callable, *args: Any,
+                       timeout: float | None = None) -> Any:
+        return ray.get(self.members[rank].actor.execute.remote(fn, *args), timeout=timeout)
+
+    def run(self, fn_blob: Any, pass_config: bool, config: Any,
+            session_args: list[dict[str, Any]]) -> list:
+        """Start the training function on every worker; one streaming generator per rank."""
+        return [m.actor.run.remote(fn_blob, pass_config, config, args)
+                for m, args in zip(self.members, session_args)]
+
+    def shutdown(self) -> None:
+        """Kill every actor and free the placement group. Safe to call twice."""
+        for member in self.members:
+            try:
+                ray.kill(member.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone is fine
+                pass
+        self.members = []
+        if self._placement_group is not None:
+            try:
+                remove_placement_group(self._placement_group)
+            except Exception:  # noqa: BLE001
+                pass
+            self._placement_group = None
+
+
+def _rank(actors: list, metadata: list[dict]) -> list[_Member]:
+    """World ranks grouped by node (nodes ordered by IP), so local ranks are contiguous."""
+    order = sorted(range(len(actors)), key=lambda i: (metadata[i]["node_ip"],
+                                                       metadata[i]["node_id"], i))
+    node_ids: list[str] = []
+    for i in order:
+        if metadata[i]["node_id"] not in node_ids:
+            node_ids.append(metadata[i]["node_id"])
+    per_node = {nid: [i for i in order if metadata[i]["node_id"] == nid] for nid in node_ids}
+    members = []
+    for world_rank, i in enumerate(order):
+        nid = metadata[i]["node_id"]
+        info = WorkerInfo(
+            world_rank=world_rank, world_size=len(actors),
+            local_rank=per_node[nid].index(i), local_world_size=len(per_node[nid]),
+            node_rank=node_ids.index(nid), node_ip=metadata[i]["node_ip"])
+        members.append(_Member(actors[i], info, metadata[i]))
+    return members
