@@ -4,12 +4,18 @@ hand complete iterations to the callbacks, and turn the first failure into one e
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
 import pickle
+import sys
+import sysconfig
+import threading
 import time
+import types
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cloudpickle
 import ray
@@ -48,13 +54,38 @@ def serialize_train_function(fn: Callable) -> bytes:
             f"the training function must be callable, got {type(fn).__name__}: pass the "
             "function itself, e.g. train(train_loop), not train(train_loop())")
     try:
-        return cloudpickle.dumps(fn)
+        with _by_value(sys.modules.get(getattr(fn, "__module__", None) or "")):
+            return cloudpickle.dumps(fn)
     except Exception as error:
         culprits = ", ".join(_unpicklable_captures(fn)) or "an object that can't be pickled"
         raise ConfigurationError(
             f"the training function {getattr(fn, '__qualname__', fn)!r} can't be pickled to "
             f"send it to the Ray workers: it captures {culprits}. Create such objects inside "
             f"the function, or pass plain values through config=... ({error})") from error
+
+
+_pickle_lock = threading.Lock()
+_INSTALLED = tuple(os.path.realpath(p) + os.sep for p in {
+    sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+@contextlib.contextmanager
+def _by_value(module: types.ModuleType | None) -> Iterator[None]:
+    """Pickle a function of the user's own module (a flow file, a test module) by value, as
+    ``__main__`` is: the workers may not have that module on their path. Installed packages
+    stay references."""
+    file = getattr(module, "__file__", None)
+    if (module is None or not file or module.__name__ in ("__main__",)
+            or os.path.realpath(file).startswith(_INSTALLED)
+            or module.__name__.split(".")[0] == "prefect_distrain"):
+        yield
+        return
+    with _pickle_lock:
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            yield
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
 
 
 def _unpicklable_captures(fn: Callable) -> list[str]:
