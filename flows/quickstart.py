@@ -47,9 +47,8 @@ def train_loop(config):
 
     start_epoch = 0
     checkpoint = pd.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    if checkpoint:  # resume_from_checkpoint=... was given: go on from there
+        state = pd.torch.load_state(checkpoint, "state.pt")  # weights_only=True, hash-checked
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
@@ -86,12 +85,15 @@ def quickstart(epochs: int = 8, num_workers: int = 2) -> float:
         scaling=pd.ScalingConfig(num_workers=num_workers),
         run=pd.RunConfig(storage=os.environ.get(
             "QUICKSTART_STORAGE", os.path.join(tempfile.gettempdir(), "prefect-distrain"))),
+        checkpoint=pd.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="accuracy",
+                                       checkpoint_score_order="max"),
     )
     for metrics in result.metrics_history:
         print(f"epoch {metrics['epoch']}: loss {metrics['loss']:.4f}  "
               f"test accuracy {metrics['accuracy']:.3f}")
-    print(f"Final test accuracy: {result.metrics['accuracy']:.3f} "
-          f"(checkpoint: {result.checkpoint.path})")
+    best, best_metrics = result.best_checkpoints[0]
+    print(f"Best checkpoint: {best.path} (accuracy {best_metrics['accuracy']:.3f})")
+    print(f"Final test accuracy: {result.metrics['accuracy']:.3f}")
     return result.metrics["accuracy"]
 
 

@@ -26,12 +26,15 @@ from typing import TYPE_CHECKING, Any
 from .backends import Backend, BackendConfig, available_backends
 from .callbacks import PrintingCallback, TrainingCallback
 from .checkpoint import Checkpoint
-from .config import RunConfig, ScalingConfig
+from .config import CheckpointConfig, RunConfig, ScalingConfig
 from .exceptions import (
+    CheckpointCorruptError,
+    CheckpointUploadError,
     ConfigurationError,
     DistrainError,
     RemoteTraceback,
     ResourcesUnavailableError,
+    UnsafeCheckpointError,
     WorkerError,
     WorkerLostError,
 )
@@ -53,7 +56,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "Backend", "BackendConfig", "Checkpoint", "ConfigurationError", "DistrainError",
+    "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
+    "CheckpointUploadError", "ConfigurationError", "DistrainError", "UnsafeCheckpointError",
     "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError", "RunConfig",
     "ScalingConfig", "TorchConfig", "TrainContext", "TrainResult", "Trainer",
     "TrainingCallback", "WorkerError", "WorkerLostError", "available_backends",

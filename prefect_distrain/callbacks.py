@@ -23,6 +23,10 @@ class TrainingCallback:
     def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
         """One reported iteration: ``results[rank]`` is that rank's metrics."""
 
+    def on_checkpoint_commit(self, checkpoint: Any, **info: Any) -> None:
+        """A checkpoint was committed (its manifest written); ``checkpoint.metrics`` holds
+        rank 0's metrics of that report. It carries no credentials."""
+
     def finish_training(self, error: bool = False, **info: Any) -> None:
         """After the run, whether it succeeded (``error=False``) or not."""
 

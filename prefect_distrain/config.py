@@ -79,11 +79,13 @@ class RunConfig:
     ``name`` is the folder under ``storage`` that holds the run (default: the training
     function's name and the start time). Two calls with the same name and storage are the same
     run: that is how a retry finds what the attempt before it committed. ``storage`` is a local
-    path or any fsspec URL; ``storage_options`` go to fsspec unchanged and are never shown.
+    path, any fsspec URL, or a storage block (anything with ``fsspec_storage()``, such as
+    ``prefect_distrain.blocks.CheckpointStorage``, which keeps credentials as secrets);
+    ``storage_options`` go to fsspec unchanged and are never shown.
     """
 
     name: str | None = None
-    storage: str = field(default_factory=default_storage)
+    storage: Any = field(default_factory=default_storage)
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +93,47 @@ class RunConfig:
             raise ConfigurationError(
                 f"run name {self.name!r} is not usable as a folder name: use letters, digits, "
                 "'.', '_' and '-' (at most 128, starting with a letter or digit)")
+        if hasattr(self.storage, "fsspec_storage"):
+            return
         if not isinstance(self.storage, str) or not self.storage.strip():
             raise ConfigurationError(
-                f"storage {self.storage!r} is not usable: give a local path or an fsspec URL")
+                f"storage {self.storage!r} is not usable: give a local path, an fsspec URL or "
+                "a storage block (prefect_distrain.blocks.CheckpointStorage)")
+
+    def resolved_storage(self) -> tuple[str, dict[str, Any]]:
+        """(URL, storage options): a block's own options first, then ``storage_options``."""
+        if isinstance(self.storage, str):
+            return self.storage, dict(self.storage_options)
+        url, options = self.storage.fsspec_storage()
+        return url, {**options, **self.storage_options}
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Which checkpoints to keep and how they reach storage.
+
+    ``num_to_keep``: keep this many (the best by ``checkpoint_score_attribute`` if given, else
+    the newest) plus always the latest; None keeps all. ``checkpoint_score_order``: "max" or
+    "min". ``upload``: "sync" makes ``report`` return once the files are in storage; "async"
+    returns once they are copied aside locally and uploads in the background (one upload in
+    flight per rank; a failure is raised by the next ``report`` and at the end of the run).
+    Sync is the default because its failures surface where they happen.
+    """
+
+    num_to_keep: int | None = None
+    checkpoint_score_attribute: str | None = None
+    checkpoint_score_order: str = "max"
+    upload: str = "sync"
+
+    def __post_init__(self) -> None:
+        if self.num_to_keep is not None and (
+                not isinstance(self.num_to_keep, int) or self.num_to_keep < 1):
+            raise ConfigurationError(
+                f"num_to_keep must be at least 1 (got {self.num_to_keep!r}); use None to keep "
+                "every checkpoint")
+        if self.checkpoint_score_order not in ("max", "min"):
+            raise ConfigurationError(
+                f"checkpoint_score_order {self.checkpoint_score_order!r}: use 'max' (higher is "
+                "better, e.g. accuracy) or 'min' (lower is better, e.g. loss)")
+        if self.upload not in ("sync", "async"):
+            raise ConfigurationError(f"upload {self.upload!r}: use 'sync' or 'async'")

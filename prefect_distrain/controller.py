@@ -1,5 +1,6 @@
 """The driver loop of one run: start the function on every rank, collect reports as they come,
-hand complete iterations to the callbacks, and turn the first failure into one error.
+hand complete iterations to the callbacks, commit checkpoints once all their files are up, and
+turn the first failure into one error.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from ray.exceptions import RayActorError, RayTaskError
 from . import constants
 from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
+from .config import CheckpointConfig
 from .exceptions import ConfigurationError, RemoteTraceback, WorkerError, WorkerLostError
 from .session import TrainContext
-from .storage import RunStorage
+from .storage import RunStorage, redact_url, select_retained
 from .worker_group import WorkerGroup
 
 #: Rank-0 metrics are logged at INFO at most this often (plus every checkpoint), so a loop that
@@ -42,9 +44,17 @@ class RunSpec:
     config: Any
     storage: RunStorage
     backend_name: str
+    checkpoint_config: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume_from: Checkpoint | None = None
     callbacks: list[TrainingCallback] = field(default_factory=list)
     attempt: int = 0
+    committed: list[dict] = field(default_factory=list)
+    protected: set[str] = field(default_factory=set)
+
+    @property
+    def first_index(self) -> int:
+        """Checkpoint numbers go on from the latest committed one, across attempts."""
+        return max((m["index"] for m in self.committed), default=0) + 1
 
 
 def serialize_train_function(fn: Callable) -> bytes:
@@ -110,20 +120,93 @@ def takes_config(fn: Callable) -> bool:
         return True
 
 
+class _Commits:
+    """Commits a checkpoint once every rank that reported files for it has uploaded them, then
+    applies retention. Manifests are the only truth: what is not committed does not exist."""
+
+    def __init__(self, spec: RunSpec, world_size: int, logger: logging.Logger):
+        self.spec = spec
+        self.world_size = world_size
+        self.logger = logger
+        self.committed: list[dict] = list(spec.committed)
+        self.waiting: dict[int, dict[str, Any]] = {}
+        self.swept = False
+
+    def uploaded(self, index: int, rank: int, files: dict) -> None:
+        self.waiting.setdefault(index, {"files": {}})["files"][rank] = files
+        self._commit_if_ready(index)
+
+    def declared(self, index: int, ranks: set[int], metrics: dict) -> None:
+        entry = self.waiting.setdefault(index, {"files": {}})
+        entry["ranks"], entry["metrics"] = ranks, metrics
+        self._commit_if_ready(index)
+
+    def _commit_if_ready(self, index: int) -> None:
+        entry = self.waiting[index]
+        if "ranks" not in entry or set(entry["files"]) != entry["ranks"]:
+            return
+        del self.waiting[index]
+        files: dict[str, dict] = {}
+        for rank in sorted(entry["files"]):
+            for name, meta in entry["files"][rank].items():
+                if name in files:
+                    raise ConfigurationError(
+                        f"ranks {files[name]['rank']} and {rank} both wrote {name!r} into "
+                        f"checkpoint {index}: report the checkpoint from one rank only, or give "
+                        f"each rank's files their own names (e.g. f'shard_{{rank}}.pt')")
+                files[name] = meta
+        config = self.spec.checkpoint_config
+        attribute = config.checkpoint_score_attribute
+        if attribute is not None and attribute not in entry["metrics"]:
+            shown = sorted(k for k in entry["metrics"] if not k.startswith("_"))
+            raise ConfigurationError(
+                f"checkpoint_score_attribute {attribute!r} is not in the metrics reported with "
+                f"checkpoint {index} (reported: {', '.join(shown) or 'none'}): report it with "
+                "every checkpoint, or change CheckpointConfig(checkpoint_score_attribute=...)")
+        storage = self.spec.storage
+        manifest = storage.commit(index, self.spec.attempt, files, metrics=entry["metrics"],
+                                  world_size=self.world_size, backend=self.spec.backend_name)
+        self.committed.append(manifest)
+        checkpoint = storage.checkpoint(manifest["directory"], manifest)
+        self.logger.info("Committed checkpoint %d: %s", index, redact_url(checkpoint.path))
+        if not self.swept:
+            self.swept = True
+            removed = storage.remove_torn(self.committed, self.spec.attempt)
+            if removed:
+                self.logger.info("Removed torn checkpoint folders of earlier attempts: %s",
+                                 ", ".join(removed))
+        retained = select_retained(self.committed, config.num_to_keep, attribute,
+                                   config.checkpoint_score_order, self.spec.protected)
+        for gone in [m for m in self.committed if m not in retained]:
+            storage.delete(gone)
+        self.committed = retained
+        for callback in self.spec.callbacks:
+            _call(callback, "on_checkpoint_commit", self.logger, checkpoint.without_credentials(),
+                  index=index, attempt=self.spec.attempt)
+
+    def latest(self) -> dict | None:
+        return max(self.committed, key=lambda m: m["index"], default=None)
+
+
 class _Iterations:
     """Pairs the reports of all ranks by iteration number."""
 
-    def __init__(self, world_size: int, callbacks: list[TrainingCallback], logger: logging.Logger):
+    def __init__(self, world_size: int, spec: RunSpec, commits: _Commits,
+                 logger: logging.Logger):
         self.world_size = world_size
-        self.callbacks = callbacks
+        self.callbacks = spec.callbacks
+        self.first_index = spec.first_index
+        self.commits = commits
         self.logger = logger
         self.pending: dict[int, dict[int, dict]] = {}
         self.history: list[dict[str, Any]] = []
-        self.latest_checkpoint: Checkpoint | None = None
         self._last_log = 0.0
 
     def add(self, rank: int, report: dict[str, Any]) -> None:
         iteration = report["metrics"]["_training_iteration"]
+        checkpoint = report["checkpoint"]
+        if checkpoint is not None and checkpoint["files"] is not None:  # a sync upload
+            self.commits.uploaded(checkpoint["index"], rank, checkpoint["files"])
         ranks = self.pending.setdefault(iteration, {})
         ranks[rank] = report
         if len(ranks) == self.world_size:
@@ -132,20 +215,19 @@ class _Iterations:
     def _deliver(self, iteration: int) -> None:
         reports = self.pending.pop(iteration)
         results = [reports[r]["metrics"] for r in sorted(reports)]
-        checkpoint = next((r["checkpoint"] for r in reports.values() if r["checkpoint"]), None)
-        if checkpoint is not None:
-            self.latest_checkpoint = checkpoint
+        with_checkpoint = {r for r, report in reports.items() if report["checkpoint"]}
         if 0 in reports:
             self.history.append(reports[0]["metrics"])
+        if with_checkpoint:
+            self.commits.declared(self.first_index + iteration - 1, with_checkpoint, results[0])
         now = time.monotonic()
-        if checkpoint is not None or now - self._last_log >= _LOG_EVERY_S:
+        if now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
             shown = {k: v for k, v in results[0].items() if not k.startswith("_")}
-            saved = f", checkpoint {checkpoint.path}" if checkpoint else ""
-            self.logger.info("Iteration %d: %s%s", iteration, shown, saved)
+            self.logger.info("Iteration %d: %s", iteration, shown)
         for callback in self.callbacks:
             _call(callback, "handle_result", self.logger, results,
-                  training_iteration=iteration, checkpoint=checkpoint)
+                  training_iteration=iteration)
 
     def flush(self) -> None:
         """Deliver what some ranks reported and others did not (a misuse, but not lost)."""
@@ -166,8 +248,14 @@ def _call(callback: TrainingCallback, hook: str, logger: logging.Logger, *args, 
         logger.exception("Callback %s.%s failed; training goes on", type(callback).__name__, hook)
 
 
-def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger
-                 ) -> tuple[list[Any], _Iterations]:
+@dataclass
+class RunOutcome:
+    returns: list[Any]
+    history: list[dict[str, Any]]
+    committed: list[dict]
+
+
+def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> RunOutcome:
     """Run the function on every worker of a started group until all return or one fails.
 
     On failure the group is killed (a survivor may hang in a collective) and the error of the
@@ -175,7 +263,6 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger
     as its cause.
     """
     fn_ref = ray.put(serialize_train_function(spec.train_func))
-    first_index = max(spec.storage.checkpoint_indices(), default=0) + 1
     session_args = [
         {
             "context": TrainContext(info=m.info, experiment_name=spec.storage.name,
@@ -183,18 +270,43 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger
                                     backend=spec.backend_name),
             "storage": spec.storage,
             "checkpoint": spec.resume_from,
-            "first_checkpoint_index": first_index,
+            "first_checkpoint_index": spec.first_index,
+            "upload": spec.checkpoint_config.upload,
         }
         for m in group.members
     ]
-    iterations = _Iterations(len(group), spec.callbacks, logger)
+    commits = _Commits(spec, len(group), logger)
+    iterations = _Iterations(len(group), spec, commits, logger)
     for callback in spec.callbacks:
-        _call(callback, "start_training", logger, spec.storage.run_url, spec.config,
-              world_size=len(group), backend=spec.backend_name)
+        _call(callback, "start_training", logger, redact_url(spec.storage.run_url), spec.config,
+              world_size=len(group), backend=spec.backend_name, run_name=spec.storage.name,
+              attempt=spec.attempt)
     config = spec.config if spec.config is not None else {}
     generators = group.run(fn_ref, takes_config(spec.train_func), config, session_args)
+    world_size = len(group)
+    try:
+        returns, errors = _collect(generators, iterations, commits)
+        if errors:
+            raise _worker_failure(errors, world_size)
+        iterations.flush()
+    except BaseException:
+        group.shutdown()  # a survivor may hang in a collective: kill, don't wait
+        for callback in spec.callbacks:
+            _call(callback, "finish_training", logger, error=True)
+        raise
+    for index in sorted(commits.waiting):
+        logger.warning("Checkpoint %d was not committed: not every rank reported it", index)
+    for callback in spec.callbacks:
+        _call(callback, "finish_training", logger, error=False)
+    return RunOutcome(returns, iterations.history, commits.committed)
+
+
+def _collect(generators: list, iterations: _Iterations, commits: _Commits
+             ) -> tuple[list[Any], dict[int, Any]]:
+    """Read every rank's outbox until each returns or fails; after the first failure, wait
+    only a short window for the other ranks' outcomes."""
     pending = {gen: rank for rank, gen in enumerate(generators)}
-    returns: list[Any] = [None] * len(group)
+    returns: list[Any] = [None] * len(generators)
     errors: dict[int, Any] = {}
     gather_deadline: float | None = None
     while pending:
@@ -216,24 +328,17 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger
                 kind, payload = "error", error.as_instanceof_cause()
             if kind == "report":
                 iterations.add(rank, payload)
-                continue
-            del pending[gen]
-            if kind == "done":
-                returns[rank] = payload
+            elif kind == "persisted":
+                commits.uploaded(payload["index"], rank, payload["files"])
             else:
-                errors[rank] = payload
-                if gather_deadline is None:
-                    gather_deadline = time.monotonic() + constants.error_gather_timeout()
-    if errors:
-        world_size = len(group)
-        group.shutdown()
-        for callback in spec.callbacks:
-            _call(callback, "finish_training", logger, error=True)
-        raise _worker_failure(errors, world_size)
-    iterations.flush()
-    for callback in spec.callbacks:
-        _call(callback, "finish_training", logger, error=False)
-    return returns, iterations
+                del pending[gen]
+                if kind == "done":
+                    returns[rank] = payload
+                else:
+                    errors[rank] = payload
+                    if gather_deadline is None:
+                        gather_deadline = time.monotonic() + constants.error_gather_timeout()
+    return returns, errors
 
 
 def _worker_failure(errors: dict[int, Any], world_size: int) -> BaseException:

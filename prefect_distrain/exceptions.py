@@ -81,6 +81,29 @@ class RemoteTraceback(Exception):
         return self.text
 
 
+class CheckpointUploadError(DistrainError):
+    """A worker could not copy its checkpoint files into storage. The checkpoint was not
+    committed; the previous one stays the latest."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, index: int, rank: int):
+        super().__init__(message)
+        self.index = index
+        self.rank = rank
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, {"index": self.index, "rank": self.rank}))
+
+
+class CheckpointCorruptError(DistrainError):
+    """A checkpoint's files do not match its manifest (missing, wrong size or hash)."""
+
+
+class UnsafeCheckpointError(DistrainError):
+    """A checkpoint file holds pickled objects that could run code when loaded; refused."""
+
+
 def _rebuild(cls, args, state):
     error = cls(*args, **state)
     return error

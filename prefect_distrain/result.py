@@ -14,7 +14,10 @@ class TrainResult:
 
     ``metrics`` is the last report of rank 0 and ``metrics_history`` every report of rank 0 in
     order; ``worker_results`` holds the training function's return values in rank order.
-    ``checkpoint`` is the latest checkpoint in storage (None if none was reported).
+    ``checkpoint`` is the latest committed checkpoint (None if none was reported) and
+    ``best_checkpoints`` the kept ones with their metrics, best first by the score attribute
+    (newest first without one). Checkpoints here carry no storage options, so no credentials
+    are persisted with the result: ``resume_from_checkpoint`` adds the run's options back.
     """
 
     metrics: dict[str, Any] | None
@@ -25,4 +28,6 @@ class TrainResult:
     path: str
     backend: str
     world_size: int
+    best_checkpoints: list[tuple[Checkpoint, dict[str, Any]]] = field(default_factory=list)
+    attempt: int = 0
     wall_time_s: float = field(default=0.0, compare=False)

@@ -1,10 +1,12 @@
 """What the training function calls on a worker: ``report``, ``get_checkpoint``, ``get_context``.
 
-``report`` is **not a barrier**. It hands the metrics to the worker's outbox and returns; with a
-checkpoint it first copies the checkpoint's files into storage (so the directory may be deleted
-or changed as soon as ``report`` returns), but it never waits for other ranks or for the
-driver. The driver pairs the reports of all ranks by their iteration number, so every rank must
-call ``report`` the same number of times; its callbacks see one list per iteration.
+``report`` is **not a barrier**. It hands the metrics to the worker's outbox and returns; it
+never waits for other ranks or for the driver. With a checkpoint it first takes the files: with
+``upload="sync"`` it copies them into storage, with ``"async"`` it copies them aside locally and
+uploads them in the background. Either way the directory may be deleted or changed as soon as
+``report`` returns. The driver pairs the reports of all ranks by their iteration number (so
+every rank must call ``report`` the same number of times) and commits a checkpoint once every
+rank that reported files for it has uploaded them.
 
 This module never imports Prefect: workers stay light and start fast.
 """
@@ -12,6 +14,8 @@ This module never imports Prefect: workers stay light and start fast.
 from __future__ import annotations
 
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,9 +80,12 @@ class _Session:
     storage: RunStorage
     checkpoint: Checkpoint | None
     first_checkpoint_index: int
+    upload: str = "sync"
     outbox: queue.Queue = field(default_factory=queue.Queue)
     iteration: int = 0
     last_report_time: float = field(default_factory=time.time)
+    _uploader: threading.Thread | None = None
+    _upload_error: BaseException | None = None
 
     def report(self, metrics: Mapping[str, Any], checkpoint: Checkpoint | None) -> None:
         if not isinstance(metrics, Mapping):
@@ -101,12 +108,51 @@ class _Session:
         result["_time_this_iter_s"] = now - self.last_report_time
         result["_training_iteration"] = self.iteration
         self.last_report_time = now
-        persisted = None
-        if checkpoint is not None:
-            index = self.first_checkpoint_index + self.iteration - 1
-            persisted = self.storage.persist(checkpoint.path, index)
-            self.checkpoint = persisted
-        self.outbox.put(("report", {"metrics": result, "checkpoint": persisted}))
+        self._raise_failed_upload()
+        if checkpoint is None:
+            self.outbox.put(("report", {"metrics": result, "checkpoint": None}))
+            return
+        index = self.first_checkpoint_index + self.iteration - 1
+        rank, attempt = self.context.get_world_rank(), self.context.get_attempt()
+        if self.upload == "sync":
+            files = self.storage.upload(checkpoint.path, index, attempt, rank)
+            self.outbox.put(("report", {"metrics": result,
+                                        "checkpoint": {"index": index, "files": files}}))
+            return
+        self.wait_for_upload()  # at most one upload in flight per rank
+        self._raise_failed_upload()
+        staged = tempfile.mkdtemp(prefix=f"checkpoint-{index}-")
+        shutil.copytree(checkpoint.path, staged, dirs_exist_ok=True)
+        self.outbox.put(("report", {"metrics": result,
+                                    "checkpoint": {"index": index, "files": None}}))
+        self._uploader = threading.Thread(
+            target=self._upload_in_background, args=(staged, index, attempt, rank),
+            name=f"checkpoint-upload-{index}", daemon=True)
+        self._uploader.start()
+
+    def _upload_in_background(self, staged: str, index: int, attempt: int, rank: int) -> None:
+        try:
+            files = self.storage.upload(staged, index, attempt, rank)
+            self.outbox.put(("persisted", {"index": index, "files": files}))
+        except BaseException as error:  # noqa: BLE001 - raised by the next report() / finish()
+            self._upload_error = error
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def wait_for_upload(self) -> None:
+        if self._uploader is not None:
+            self._uploader.join()
+            self._uploader = None
+
+    def _raise_failed_upload(self) -> None:
+        error, self._upload_error = self._upload_error, None
+        if error is not None:
+            raise error
+
+    def finish(self) -> None:
+        """After the training function returns: its last upload must land or fail loudly."""
+        self.wait_for_upload()
+        self._raise_failed_upload()
 
 
 _current: _Session | None = None
@@ -138,8 +184,8 @@ def report(metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None) -> 
 
 
 def get_checkpoint() -> Checkpoint | None:
-    """The checkpoint to resume from: the one given to ``resume_from_checkpoint`` at the
-    start, then the latest this worker reported. None on a fresh run."""
+    """The committed checkpoint to resume from (``resume_from_checkpoint``), or None on a fresh
+    run. Fixed while the function runs, like Ray Train's."""
     return _session("get_checkpoint").checkpoint
 
 

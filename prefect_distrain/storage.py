@@ -1,44 +1,100 @@
-"""Where a run's checkpoints live: ``<storage>/<run name>/checkpoint_<index>``, on fsspec.
+"""A run's checkpoints on any fsspec filesystem, committed atomically by a manifest written last.
 
-The driver builds a RunStorage and sends it to the workers; a worker copies the directory it
-reported into the checkpoint's folder; the driver reads the folders back to find the latest.
+Layout of one run::
+
+    <storage>/<run name>/
+        checkpoint_000003-a0/              files of every rank that reported checkpoint 3,
+                                           written by attempt 0 (never shared across attempts)
+        _manifests/checkpoint_000003-a0.json   the commit: written by the driver after every
+                                           reporting rank has uploaded; lists each file's size
+                                           and sha256, the ranks, metrics, attempt, world size
+
+Only checkpoints with a manifest exist for readers (``latest``, "best", resume). A folder without
+one is staging: in progress, or torn by a dead attempt; the latter is removed by the next
+attempt's first commit. Retention deletes a manifest before its folder, so no manifest ever
+points at missing files.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .checkpoint import Checkpoint
-from .exceptions import ConfigurationError
+from .exceptions import CheckpointUploadError, ConfigurationError
 
-_CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{6,})$")
+MANIFEST_SCHEMA_VERSION = 1
+MANIFESTS = "_manifests"
+_DIRNAME = re.compile(r"^checkpoint_(\d{6,})-a(\d+)$")
+_HASH_CHUNK = 8 * 1024 * 1024
 
 
-def checkpoint_dirname(index: int) -> str:
-    return f"checkpoint_{index:06d}"
+def checkpoint_dirname(index: int, attempt: int) -> str:
+    return f"checkpoint_{index:06d}-a{attempt}"
 
 
-def _filesystem(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+def redact_url(url: str) -> str:
+    """The URL without user, password, query or fragment: safe for logs and artifacts."""
+    parts = urlsplit(url)
+    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive)
+        return url
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def filesystem(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem for a URL, with errors that say what to install or change."""
     try:
         return fsspec.core.url_to_fs(url, **storage_options)
     except ImportError as error:  # fsspec's message names the package to install
-        raise ImportError(f"storage {url!r} needs an extra package: {error}") from error
-    except ValueError as error:  # unknown protocol
+        raise ImportError(f"storage {redact_url(url)!r} needs an extra package: {error}. "
+                          "For s3:// install prefect-distrain[s3]") from error
+    except ValueError as error:
+        if "Protocol not known" not in str(error):
+            raise
+        known = ", ".join(sorted(p for p in fsspec.available_protocols() if len(p) > 1)[:20])
         raise ConfigurationError(
-            f"storage {url!r}: {error}. Use a local path or a URL of a protocol fsspec knows "
-            f"(one of: {', '.join(sorted(fsspec.available_protocols())[:12])}, ...)"
-        ) from error
+            f"storage {redact_url(url)!r}: unknown protocol. Use a local path or a URL of a "
+            f"protocol fsspec knows ({known}, ...)") from error
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _json_default(value: Any) -> Any:
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    return repr(value)
 
 
 @dataclass(frozen=True)
 class RunStorage:
-    """The folder of one run, and how to reach it."""
+    """The folder of one run and how to reach it. Sent to the workers, so it holds no client."""
 
     storage: str
     name: str
@@ -52,29 +108,212 @@ class RunStorage:
         return base.rstrip("/") + "/" + self.name
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        return _filesystem(self.run_url, self.storage_options)
+        return filesystem(self.run_url, self.storage_options)
 
-    def checkpoint(self, index: int) -> Checkpoint:
-        return Checkpoint(f"{self.run_url}/{checkpoint_dirname(index)}", self.storage_options)
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.filesystem()[1].rstrip("/"), *parts])
 
-    def persist(self, local_dir: str, index: int) -> Checkpoint:
-        """Copy a worker's checkpoint directory into the run (files of several ranks merge)."""
-        target = self.checkpoint(index)
-        fs, path = target._fs_and_path()
-        if isinstance(fs, LocalFileSystem):
-            fs.makedirs(path, exist_ok=True)
-        fs.put(local_dir.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
-        return target
+    def checkpoint(self, dirname: str, manifest: dict | None = None) -> Checkpoint:
+        return Checkpoint(f"{self.run_url}/{dirname}", self.storage_options, manifest=manifest)
 
-    def checkpoint_indices(self) -> list[int]:
-        fs, path = self.filesystem()
+    # -- driver: before the run -------------------------------------------------------------------
+
+    def check_writable(self) -> str:
+        """Write a marker file into the run's folder; return its path for the workers to find.
+
+        Catches a missing bucket, missing credentials or a read-only location before any
+        worker starts, with a message that names the fix.
+        """
+        fs, root = self.filesystem()
+        marker = f"{root.rstrip('/')}/.visible-{uuid.uuid4().hex}"
+        shown = redact_url(self.run_url)
         try:
-            entries = fs.ls(path, detail=False)
+            if isinstance(fs, LocalFileSystem):
+                fs.makedirs(root, exist_ok=True)
+            fs.pipe_file(marker, b"prefect-distrain storage check\n")
+        except FileNotFoundError as error:
+            raise ConfigurationError(
+                f"storage {shown!r} does not exist: create the bucket (or parent folder) first, "
+                f"or fix the URL ({type(error).__name__})") from None
+        except PermissionError as error:
+            raise ConfigurationError(
+                f"storage {shown!r} refused the write: check the credentials in storage_options "
+                f"(or the storage block) and their permissions ({_brief(error)})") from None
+        except Exception as error:  # noqa: BLE001 - botocore's NoCredentialsError and kin
+            if "credential" in str(error).lower():
+                raise ConfigurationError(
+                    f"no credentials to write to storage {shown!r}: pass them in "
+                    "RunConfig(storage_options={'key': ..., 'secret': ...}) or a storage block, "
+                    "or set them in the environment of the driver and the workers") from None
+            raise
+        return marker
+
+    def remove_marker(self, marker: str) -> None:
+        fs, _ = self.filesystem()
+        try:
+            fs.rm_file(marker)
+        except FileNotFoundError:
+            pass
+
+    def layout(self) -> tuple[list[dict], int]:
+        """Committed manifests (by index) and the next attempt number for this run."""
+        fs, root = self.filesystem()
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        except FileNotFoundError:
+            names = []
+        attempts = [int(m.group(2)) for m in map(_DIRNAME.match, names) if m]
+        manifests = self.read_manifests()
+        attempts += [m["attempt"] for m in manifests]
+        return manifests, (max(attempts) + 1 if attempts else 0)
+
+    def read_manifests(self) -> list[dict]:
+        fs, _ = self.filesystem()
+        folder = self._join(MANIFESTS)
+        try:
+            paths = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
         except FileNotFoundError:
             return []
-        found = (_CHECKPOINT_DIR.match(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries)
-        return sorted(int(m.group(1)) for m in found if m)
+        manifests = []
+        for path in paths:
+            try:
+                manifest = json.loads(fs.cat_file(path))
+            except FileNotFoundError:  # deleted by retention while we listed
+                continue
+            if manifest.get("schema_version") == MANIFEST_SCHEMA_VERSION:
+                manifests.append(manifest)
+        return sorted(manifests, key=lambda m: m["index"])
 
-    def latest_checkpoint(self) -> Checkpoint | None:
-        indices = self.checkpoint_indices()
-        return self.checkpoint(indices[-1]) if indices else None
+    # -- worker: upload ---------------------------------------------------------------------------
+
+    def upload(self, local_dir: str, index: int, attempt: int, rank: int) -> dict[str, dict]:
+        """Copy a checkpoint directory into the staging folder of (index, attempt).
+
+        Returns {relative path: {size, sha256, rank}} for the manifest. Files go up in one
+        ``fs.put`` call, which object stores run concurrently and in multipart.
+        """
+        files: dict[str, dict] = {}
+        local_paths, remote_paths = [], []
+        target = self._join(checkpoint_dirname(index, attempt))
+        for folder, dirs, names in os.walk(local_dir):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
+                size, sha256 = file_digest(path)
+                files[relative] = {"size": size, "sha256": sha256, "rank": rank}
+                local_paths.append(path)
+                remote_paths.append(f"{target}/{relative}")
+        fs, _ = self.filesystem()
+        try:
+            if isinstance(fs, LocalFileSystem):
+                for remote in {p.rsplit("/", 1)[0] for p in remote_paths} | {target}:
+                    fs.makedirs(remote, exist_ok=True)
+            if local_paths:
+                fs.put(local_paths, remote_paths)
+        except Exception as error:
+            raise CheckpointUploadError(
+                f"uploading checkpoint {index} from rank {rank} to "
+                f"{redact_url(self.run_url)} failed: {_brief(error)}", index=index,
+                rank=rank) from None
+        return files
+
+    # -- driver: commit, retention, garbage ---------------------------------------------------
+
+    def commit(self, index: int, attempt: int, files: dict[str, dict], *, metrics: dict,
+               world_size: int, backend: str) -> dict:
+        """Write the manifest: from now on the checkpoint exists. Written last and atomically."""
+        manifest = {
+            "schema_version": MANIFEST_SCHEMA_VERSION,
+            "index": index,
+            "attempt": attempt,
+            "directory": checkpoint_dirname(index, attempt),
+            "files": dict(sorted(files.items())),
+            "ranks": sorted({f["rank"] for f in files.values()}),
+            "metrics": metrics,
+            "world_size": world_size,
+            "backend": backend,
+            "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        data = json.dumps(manifest, default=_json_default, indent=1).encode()
+        fs, _ = self.filesystem()
+        path = self._join(MANIFESTS, manifest["directory"] + ".json")
+        _atomic_write(fs, path, data)
+        return json.loads(data)
+
+    def delete(self, manifest: dict) -> None:
+        """Manifest first, then files: a reader never finds a manifest without its files."""
+        fs, _ = self.filesystem()
+        try:
+            fs.rm_file(self._join(MANIFESTS, manifest["directory"] + ".json"))
+        except FileNotFoundError:
+            pass
+        self._remove_folder(fs, self._join(manifest["directory"]))
+
+    def remove_torn(self, committed: Iterable[dict], attempt: int) -> list[str]:
+        """Remove staging folders of earlier attempts that never got a manifest."""
+        fs, root = self.filesystem()
+        keep = {m["directory"] for m in committed}
+        removed = []
+        for path in fs.ls(root, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            match = _DIRNAME.match(name)
+            if match and name not in keep and int(match.group(2)) < attempt:
+                self._remove_folder(fs, path)
+                removed.append(name)
+        return removed
+
+    @staticmethod
+    def _remove_folder(fs: fsspec.AbstractFileSystem, path: str) -> None:
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def find_manifest(checkpoint: Checkpoint) -> dict | None:
+    """The manifest of a committed checkpoint given by its path, if it has one."""
+    fs, path = checkpoint._fs_and_path()
+    parent, _, name = path.rstrip("/").rpartition("/")
+    try:
+        manifest = json.loads(fs.cat_file(f"{parent}/{MANIFESTS}/{name}.json"))
+    except FileNotFoundError:
+        return None
+    return manifest if manifest.get("schema_version") == MANIFEST_SCHEMA_VERSION else None
+
+
+def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Local: temp file + rename (atomic on one filesystem). Object stores: one PUT, which
+    is atomic there (a reader sees the old object or the whole new one)."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _brief(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+def select_retained(manifests: list[dict], num_to_keep: int | None, score_attribute: str | None,
+                    score_order: str, protected: set[str] = frozenset()) -> list[dict]:
+    """The manifests to keep: the ``num_to_keep`` best by score (newest when no score), plus
+    the latest and any protected one (e.g. the checkpoint a resume started from)."""
+    if num_to_keep is None or not manifests:
+        return list(manifests)
+    if score_attribute is None:
+        ranked = sorted(manifests, key=lambda m: m["index"], reverse=True)
+    else:
+        sign = 1 if score_order == "max" else -1
+        ranked = sorted(manifests, key=lambda m: (sign * m["metrics"][score_attribute], m["index"]),
+                        reverse=True)
+    keep = {m["directory"] for m in ranked[:num_to_keep]}
+    keep.add(max(manifests, key=lambda m: m["index"])["directory"])
+    keep |= set(protected)
+    return [m for m in manifests if m["directory"] in keep]

@@ -15,9 +15,13 @@ def train_loop(config):
 
 from __future__ import annotations
 
+import os
+import pickle
 from typing import Any, Iterator
 
 from .backends.torch import TorchConfig, cuda_device_index, import_torch
+from .checkpoint import Checkpoint
+from .exceptions import UnsafeCheckpointError
 
 torch = import_torch()
 
@@ -30,7 +34,7 @@ from torch.utils.data import (  # noqa: E402
     RandomSampler,
 )
 
-__all__ = ["TorchConfig", "get_device", "prepare_data_loader", "prepare_model"]
+__all__ = ["TorchConfig", "get_device", "load_state", "prepare_data_loader", "prepare_model"]
 
 
 def _world_size() -> int:
@@ -122,6 +126,30 @@ class _DeviceLoader:
         self.epoch += 1
         for batch in self.loader:
             yield batch if self.device is None else _to_device(batch, self.device)
+
+
+def load_state(checkpoint: Checkpoint, filename: str = "model.pt",
+               map_location: Any = None) -> Any:
+    """Load a file of a checkpoint with ``torch.load(weights_only=True)``.
+
+    Only tensors and plain containers load; a file whose pickle would build other objects (and
+    could run code) raises UnsafeCheckpointError. There is no automatic fallback: if you trust
+    the file, call ``torch.load(..., weights_only=False)`` yourself.
+    """
+    with checkpoint.as_directory() as folder:
+        path = os.path.join(folder, *filename.split("/"))
+        if not os.path.isfile(path):
+            present = sorted((checkpoint.manifest or {}).get("files", {})) or os.listdir(folder)
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint!r} has no file {filename!r} (it has: {present})")
+        try:
+            return torch.load(path, map_location=map_location or get_device(), weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise UnsafeCheckpointError(
+                f"refused to load {filename!r} from {checkpoint!r}: it holds objects other than "
+                "tensors and plain containers, and unpickling them could run code. Save "
+                "state_dict()s (not whole modules), or if you trust the file, load it with "
+                "torch.load(..., weights_only=False) yourself") from error
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

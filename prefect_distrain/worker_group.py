@@ -27,6 +27,7 @@ from . import constants
 from .config import ScalingConfig
 from .exceptions import ConfigurationError, ResourcesUnavailableError
 from .session import WorkerInfo, _Session, _set_session
+from .storage import RunStorage
 
 logger = logging.getLogger("prefect_distrain")
 
@@ -61,8 +62,8 @@ class TrainWorker:
 
     def run(self, fn_blob: bytes, pass_config: bool, config: Any,
             session_args: dict[str, Any]) -> Iterator:
-        """Run the training function in a thread and yield its outbox: reports, then one
-        ``("done", value)`` or ``("error", description)``."""
+        """Run the training function in a thread and yield its outbox: reports and finished
+        uploads, then one ``("done", value)`` or ``("error", description)``."""
         session = _Session(**session_args)
         _set_session(session)
         rank = session.context.get_world_rank()
@@ -71,6 +72,7 @@ class TrainWorker:
             try:
                 fn = cloudpickle.loads(fn_blob)
                 value = fn(config) if pass_config else fn()
+                session.finish()
                 session.outbox.put(("done", value))
             except BaseException as error:  # noqa: BLE001 - every outcome must reach the driver
                 session.outbox.put(("error", describe_error(error, rank)))
@@ -80,10 +82,19 @@ class TrainWorker:
             while True:
                 kind, payload = session.outbox.get()
                 yield kind, payload
-                if kind != "report":
+                if kind in ("done", "error"):
                     return
         finally:
             _set_session(None)
+
+
+def storage_is_visible(storage: RunStorage, marker: str) -> str | None:
+    """None if this worker sees the driver's marker file, else why not."""
+    try:
+        fs, _ = storage.filesystem()
+        return None if fs.exists(marker) else "the driver's marker file is not there"
+    except Exception as error:  # noqa: BLE001 - reported to the driver as the reason
+        return f"{type(error).__name__}: {error}"
 
 
 def describe_error(error: BaseException, rank: int) -> dict[str, Any]:

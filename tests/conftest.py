@@ -7,6 +7,7 @@ environment variables changed in the driver (a backend must set MASTER_ADDR & co
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -16,11 +17,27 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 
 
+def _install_flaky_protocol() -> None:
+    """Worker setup: make the test-only ``flaky://`` protocol known, like an installed plugin."""
+    sys.path.insert(0, TESTS)
+    import flaky_fs
+
+    flaky_fs.arm(None)
+
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray for the whole session; ``train`` must find it and leave it running."""
     assert not ray.is_initialized()
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True)
+    import flaky_fs
+
+    flaky_fs.arm(None)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the setup hook
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": _install_flaky_protocol})
     yield
     ray.shutdown()
 
@@ -61,3 +78,67 @@ def assert_no_train_actors(timeout: float = 20.0) -> None:
     assert not alive, f"orphan worker actors: {[(a.actor_id, a.state) for a in alive]}"
     assert not [pg for pg in ray.util.placement_group_table().values()
                 if pg["state"] not in ("REMOVED",)], "a placement group was left behind"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """An S3 endpoint: ``moto_server`` in its own process on 127.0.0.1, stopped by handle."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+         "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+#: Fake credentials: moto accepts any; tests check this never reaches a log or an artifact.
+S3_SECRET = "s3cr3t-never-logged-7f3a"
+
+
+@pytest.fixture
+def s3_storage(moto_endpoint):
+    """A fresh moto state with one bucket, and the RunConfig pieces that reach it."""
+    import urllib.request
+
+    import s3fs
+
+    urllib.request.urlopen(urllib.request.Request(moto_endpoint + "/moto-api/reset",
+                                                  method="POST"), timeout=10)
+    options = {"key": "test-key", "secret": S3_SECRET,
+               "client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "eu-west-1"}}
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem(**options).mkdir("models")
+    return {"storage": "s3://models/runs", "storage_options": options}
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_kind(request, tmp_path):
+    """The same test on local disk and on the S3 protocol."""
+    if request.param == "local":
+        return {"storage": str(tmp_path / "runs"), "storage_options": {}}
+    return request.getfixturevalue("s3_storage")

@@ -258,19 +258,19 @@ def test_checkpoints_are_persisted_and_a_fresh_run_resumes_from_one(tmp_path):
     first = pd.RunConfig(name="first", storage=str(tmp_path))
     with pd.Trainer(num_workers=2, run=first) as trainer:
         result = trainer.fit(checkpointing_loop, config={"steps": 3})
-    assert result.checkpoint.path == str(tmp_path / "first" / "checkpoint_000003")
+    assert result.checkpoint.path == str(tmp_path / "first" / "checkpoint_000003-a0")
     assert sorted(os.listdir(tmp_path / "first")) == [
-        "checkpoint_000001", "checkpoint_000002", "checkpoint_000003"]
-    assert torch.load(tmp_path / "first" / "checkpoint_000002" / "state.pt",
+        "_manifests", "checkpoint_000001-a0", "checkpoint_000002-a0", "checkpoint_000003-a0"]
+    assert torch.load(tmp_path / "first" / "checkpoint_000002-a0" / "state.pt",
                       weights_only=True) == {"step": 1}
-    middle = pd.Checkpoint(str(tmp_path / "first" / "checkpoint_000002"))
+    middle = pd.Checkpoint(str(tmp_path / "first" / "checkpoint_000002-a0"))
     second = pd.RunConfig(name="second", storage=str(tmp_path))
     with pd.Trainer(num_workers=2, run=second) as trainer:
         resumed = trainer.fit(checkpointing_loop, config={"steps": 5},
                               resume_from_checkpoint=middle)
     assert resumed.worker_results == [[2, 3, 4], [2, 3, 4]]
     assert [m["step"] for m in resumed.metrics_history] == [2, 3, 4]
-    assert resumed.checkpoint.path.endswith("second/checkpoint_000003")
+    assert resumed.checkpoint.path.endswith("second/checkpoint_000003-a0")
 
 
 def test_worker_context_matches_the_group(storage):
