@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import Backend, BackendConfig, available_backends
 from .callbacks import PrintingCallback, TrainingCallback
 from .checkpoint import Checkpoint
-from .config import CheckpointConfig, RunConfig, ScalingConfig
+from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from .exceptions import (
     CheckpointCorruptError,
     CheckpointUploadError,
@@ -45,19 +45,21 @@ from .trainer import Trainer
 if TYPE_CHECKING:
     from . import torch
     from .backends.torch import TorchConfig
-    from .tasks import train
+    from .tasks import retry_on_infrastructure, train
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "train": ("prefect_distrain.tasks", "train"),
+    "retry_on_infrastructure": ("prefect_distrain.tasks", "retry_on_infrastructure"),
     "TorchConfig": ("prefect_distrain.backends.torch", "TorchConfig"),
     "torch": ("prefect_distrain.torch", None),
 }
 
 __all__ = [
     "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
-    "CheckpointUploadError", "ConfigurationError", "DistrainError", "UnsafeCheckpointError",
+    "CheckpointUploadError", "ConfigurationError", "DistrainError", "FailureConfig",
+    "UnsafeCheckpointError", "retry_on_infrastructure",
     "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError", "RunConfig",
     "ScalingConfig", "TorchConfig", "TrainContext", "TrainResult", "Trainer",
     "TrainingCallback", "WorkerError", "WorkerLostError", "available_backends",

@@ -15,7 +15,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
 from .result import TrainResult
-from .storage import redact_url
+from .storage import RunStorage, redact_url
 
 
 def artifact_key(text: str) -> str:
@@ -63,3 +63,17 @@ def publish_checkpoint_table(result: TrainResult) -> None:
     create_table_artifact(
         table=rows, key=f"{artifact_key(result.run_name)}-checkpoints",
         description=f"Committed checkpoints of run {result.run_name!r}, best first")
+
+
+def publish_attempt_ledger(storage: RunStorage) -> None:
+    """One row per start of the worker group in this run, across Prefect retries: how it
+    ended, its world size, the checkpoint it resumed from and the steps it had to redo."""
+    attempts = storage.read_attempts()
+    if not attempts:
+        return
+    rows = [{"attempt": a["attempt"], "status": a["status"], "world size": a["world_size"],
+             "resumed from": a["resumed_from"] or "-", "steps redone": a.get("steps_redone"),
+             "started because": a.get("restarted_because") or "first start",
+             "cause": a.get("cause") or "-", "started": a["started_at"]} for a in attempts]
+    create_table_artifact(table=rows, key=f"{artifact_key(storage.name)}-attempts",
+                          description=f"Attempts of run {storage.name!r}")

@@ -33,12 +33,17 @@ class ScalingConfig:
     Each worker is one Ray actor in one placement-group bundle. A worker asks for 1 CPU by
     default (plus 1 GPU with ``use_gpu``), the same as Ray Train, so that ``num_workers`` workers
     fit on a laptop whose Ray counts its cores.
+
+    ``min_workers`` makes the group elastic: it starts (and restarts after a loss) with as many
+    workers as the cluster holds, down to ``min_workers``, and grows back to ``num_workers`` at
+    the next committed checkpoint once the cluster can hold them again.
     """
 
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: str = "PACK"
+    min_workers: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) \
@@ -46,6 +51,11 @@ class ScalingConfig:
             raise ConfigurationError(
                 f"num_workers must be an integer of at least 1 (got {self.num_workers!r}): set "
                 "ScalingConfig(num_workers=N) to the number of training processes you want")
+        if self.min_workers is not None and (
+                not isinstance(self.min_workers, int) or not 1 <= self.min_workers <= self.num_workers):
+            raise ConfigurationError(
+                f"min_workers must be between 1 and num_workers={self.num_workers} (got "
+                f"{self.min_workers!r}); leave it None for a group of fixed size")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ConfigurationError(
                 f"placement_strategy {self.placement_strategy!r} is not one of "
@@ -58,6 +68,11 @@ class ScalingConfig:
             raise ConfigurationError(
                 "resources_per_worker asks for GPUs but use_gpu is False: set use_gpu=True "
                 "so that the backend places the model on the GPU")
+
+    @property
+    def least_workers(self) -> int:
+        """The smallest group training may run with."""
+        return self.min_workers or self.num_workers
 
     @property
     def worker_resources(self) -> dict[str, float]:
@@ -137,3 +152,32 @@ class CheckpointConfig:
                 "better, e.g. accuracy) or 'min' (lower is better, e.g. loss)")
         if self.upload not in ("sync", "async"):
             raise ConfigurationError(f"upload {self.upload!r}: use 'sync' or 'async'")
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    """How many times the worker group restarts within one ``train`` call.
+
+    A restart follows an infrastructure failure only: a lost worker or node, a collective that
+    timed out, a failed checkpoint upload, or an exception raised on some ranks but not all. The
+    user's bug -- the same exception type on every rank, or a type listed in
+    ``fatal_exceptions`` -- is raised at once. ``max_failures=-1`` restarts without limit.
+    Default 0, as in Ray Train: a failure goes to Prefect, whose retries resume from the latest
+    checkpoint.
+    """
+
+    max_failures: int = 0
+    fatal_exceptions: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ConfigurationError(
+                f"max_failures must be -1 (no limit), 0 or more (got {self.max_failures!r})")
+        fatal = self.fatal_exceptions
+        if not isinstance(fatal, tuple) or not all(
+                isinstance(t, type) and issubclass(t, BaseException) for t in fatal):
+            raise ConfigurationError(
+                "fatal_exceptions takes a tuple of exception classes, e.g. (ValueError,)")
+
+    def may_restart(self, failures: int) -> bool:
+        return self.max_failures == -1 or failures < self.max_failures

@@ -19,9 +19,15 @@ def env_float(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
 
 
-#: How long to wait for the placement group when the cluster could hold it but is busy now.
+#: How long to wait, with backoff, for the cluster to hold the group when it could but is busy
+#: or short of nodes now (at the start, and at each restart).
 PLACEMENT_GROUP_TIMEOUT_ENV = "PREFECT_DISTRAIN_PLACEMENT_GROUP_TIMEOUT_S"
 PLACEMENT_GROUP_TIMEOUT_S = 120.0
+
+#: The longest pause between two looks at the cluster while waiting for resources; the pauses
+#: start at 1 s and double.
+BACKOFF_MAX_ENV = "PREFECT_DISTRAIN_BACKOFF_MAX_S"
+BACKOFF_MAX_S = 16.0
 
 #: How long the backend's set-up (e.g. joining the torch process group) may take on all workers.
 BACKEND_SETUP_TIMEOUT_ENV = "PREFECT_DISTRAIN_BACKEND_SETUP_TIMEOUT_S"
@@ -42,6 +48,10 @@ ALLOW_AUTOSCALING_ENV = "PREFECT_DISTRAIN_ALLOW_AUTOSCALING"
 
 def placement_group_timeout() -> float:
     return env_float(PLACEMENT_GROUP_TIMEOUT_ENV, PLACEMENT_GROUP_TIMEOUT_S)
+
+
+def backoff_max() -> float:
+    return env_float(BACKOFF_MAX_ENV, BACKOFF_MAX_S)
 
 
 def backend_setup_timeout() -> float:

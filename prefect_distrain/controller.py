@@ -26,7 +26,13 @@ from . import constants
 from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
 from .config import CheckpointConfig
-from .exceptions import ConfigurationError, RemoteTraceback, WorkerError, WorkerLostError
+from .exceptions import (
+    ConfigurationError,
+    DistrainError,
+    RemoteTraceback,
+    WorkerError,
+    WorkerLostError,
+)
 from .session import TrainContext
 from .storage import RunStorage, redact_url, select_retained
 from .worker_group import WorkerGroup
@@ -50,11 +56,29 @@ class RunSpec:
     attempt: int = 0
     committed: list[dict] = field(default_factory=list)
     protected: set[str] = field(default_factory=set)
+    #: Rank 0's reports, appended as iterations complete (kept by the caller across restarts).
+    history: list[dict[str, Any]] = field(default_factory=list)
+    #: Asked after each commit while an elastic group runs small: may it grow now?
+    can_scale_up: Callable[[], bool] | None = None
+    #: The backend's own test for errors of its runtime (e.g. a collective timeout).
+    is_backend_failure: Callable[[BaseException], bool] = lambda error: False
+    fatal_exceptions: tuple[type[BaseException], ...] = ()
 
     @property
     def first_index(self) -> int:
-        """Checkpoint numbers go on from the latest committed one, across attempts."""
-        return max((m["index"] for m in self.committed), default=0) + 1
+        """Report (and checkpoint) numbers go on after the checkpoint the run resumes from."""
+        resumed = self.resume_from.index if self.resume_from is not None else None
+        latest = max((m["index"] for m in self.committed), default=0)
+        return max(resumed or 0, latest) + 1
+
+
+class ScaleUp(Exception):
+    """The cluster can hold the full group again: restart it from the checkpoint just
+    committed. Not a failure."""
+
+    def __init__(self, index: int):
+        super().__init__(f"scale up after checkpoint {index}")
+        self.index = index
 
 
 def serialize_train_function(fn: Callable) -> bytes:
@@ -183,9 +207,8 @@ class _Commits:
         for callback in self.spec.callbacks:
             _call(callback, "on_checkpoint_commit", self.logger, checkpoint.without_credentials(),
                   index=index, attempt=self.spec.attempt)
-
-    def latest(self) -> dict | None:
-        return max(self.committed, key=lambda m: m["index"], default=None)
+        if self.spec.can_scale_up is not None and self.spec.can_scale_up():
+            raise ScaleUp(index)
 
 
 class _Iterations:
@@ -195,11 +218,10 @@ class _Iterations:
                  logger: logging.Logger):
         self.world_size = world_size
         self.callbacks = spec.callbacks
-        self.first_index = spec.first_index
         self.commits = commits
         self.logger = logger
         self.pending: dict[int, dict[int, dict]] = {}
-        self.history: list[dict[str, Any]] = []
+        self.history = spec.history
         self._last_log = 0.0
 
     def add(self, rank: int, report: dict[str, Any]) -> None:
@@ -219,7 +241,7 @@ class _Iterations:
         if 0 in reports:
             self.history.append(reports[0]["metrics"])
         if with_checkpoint:
-            self.commits.declared(self.first_index + iteration - 1, with_checkpoint, results[0])
+            self.commits.declared(iteration, with_checkpoint, results[0])
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
@@ -251,7 +273,6 @@ def _call(callback: TrainingCallback, hook: str, logger: logging.Logger, *args, 
 @dataclass
 class RunOutcome:
     returns: list[Any]
-    history: list[dict[str, Any]]
     committed: list[dict]
 
 
@@ -270,7 +291,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
                                     backend=spec.backend_name),
             "storage": spec.storage,
             "checkpoint": spec.resume_from,
-            "first_checkpoint_index": spec.first_index,
+            "iteration": spec.first_index - 1,
             "upload": spec.checkpoint_config.upload,
         }
         for m in group.members
@@ -287,7 +308,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     try:
         returns, errors = _collect(generators, iterations, commits)
         if errors:
-            raise _worker_failure(errors, world_size)
+            raise _worker_failure(errors, world_size, spec)
         iterations.flush()
     except BaseException:
         group.shutdown()  # a survivor may hang in a collective: kill, don't wait
@@ -298,7 +319,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
         logger.warning("Checkpoint %d was not committed: not every rank reported it", index)
     for callback in spec.callbacks:
         _call(callback, "finish_training", logger, error=False)
-    return RunOutcome(returns, iterations.history, commits.committed)
+    return RunOutcome(returns, commits.committed)
 
 
 def _collect(generators: list, iterations: _Iterations, commits: _Commits
@@ -341,16 +362,28 @@ def _collect(generators: list, iterations: _Iterations, commits: _Commits
     return returns, errors
 
 
-def _worker_failure(errors: dict[int, Any], world_size: int) -> BaseException:
-    """One exception for the run: the user's error of the lowest rank, else a lost worker."""
-    user_ranks = sorted(r for r, e in errors.items() if isinstance(e, dict))
-    if not user_ranks:
-        return errors[min(errors)]
-    rank = user_ranks[0]
+def _worker_failure(errors: dict[int, Any], world_size: int, spec: RunSpec) -> BaseException:
+    """One exception for the run, marked ``retryable`` unless it is the user's bug.
+
+    A lost worker explains whatever its peers raised, so it wins. Otherwise the lowest rank's
+    exception is raised with its own type; it is a bug (not retried) when every rank raised the
+    same type or the type is listed as fatal, and infrastructure when the backend or this
+    package says so (a collective timeout, a failed upload) or when only some ranks failed.
+    """
+    lost = [e for e in errors.values() if isinstance(e, WorkerLostError)]
+    if lost:
+        error = lost[0]
+        others = sorted(r for r, e in errors.items() if e is not error)
+        if others and hasattr(error, "add_note"):
+            error.add_note(f"Ranks {others} failed too, most likely because of it.")
+        return error
+    rank = min(errors)
     described = errors[rank]
-    others = [r for r in sorted(errors) if r != rank]
+    if not isinstance(described, dict):  # e.g. a return value Ray could not serialize
+        return described
+    failed = sorted(errors)
     where = f"rank {rank} of {world_size} (pid {described['pid']} on {described['node_ip']})"
-    also = f"; ranks {others} failed too" if others else ""
+    also = f"; ranks {failed} raised" if len(failed) > 1 else ""
     cause = RemoteTraceback(f"\nTraceback on {where}:\n{described['traceback']}")
     error: BaseException | None = None
     if described["pickled"] is not None:
@@ -366,8 +399,20 @@ def _worker_failure(errors: dict[int, Any], world_size: int) -> BaseException:
         error.add_note(f"Raised in the training function on {where}{also}.")
     error.__cause__ = cause
     error.__suppress_context__ = True
-    try:
-        error.rank = rank  # type: ignore[attr-defined]
-    except AttributeError:  # an exception type with __slots__
-        pass
+    same_everywhere = (len(errors) == world_size and all(
+        isinstance(e, dict) and e["type"] == described["type"] for e in errors.values()))
+    if isinstance(error, DistrainError) or spec.is_backend_failure(error):
+        retryable = bool(getattr(error, "retryable", True))
+    else:
+        retryable = not (same_everywhere or isinstance(error, spec.fatal_exceptions))
+    for name, value in (("rank", rank), ("ranks", failed), ("retryable", retryable)):
+        try:
+            setattr(error, name, value)
+        except AttributeError:  # an exception type with __slots__
+            pass
     return error
+
+
+def is_infrastructure_failure(error: BaseException) -> bool:
+    """True for failures a restart or a Prefect retry may cure; False for the user's bug."""
+    return getattr(error, "retryable", False) is True

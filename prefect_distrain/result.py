@@ -18,6 +18,8 @@ class TrainResult:
     ``best_checkpoints`` the kept ones with their metrics, best first by the score attribute
     (newest first without one). Checkpoints here carry no storage options, so no credentials
     are persisted with the result: ``resume_from_checkpoint`` adds the run's options back.
+    ``attempt`` is the number of the attempt that finished (attempts count every start of the
+    worker group in this run, across Prefect retries); ``failures`` the restarts in this call.
     """
 
     metrics: dict[str, Any] | None
@@ -30,4 +32,5 @@ class TrainResult:
     world_size: int
     best_checkpoints: list[tuple[Checkpoint, dict[str, Any]]] = field(default_factory=list)
     attempt: int = 0
+    failures: int = 0
     wall_time_s: float = field(default=0.0, compare=False)

@@ -79,10 +79,11 @@ class _Session:
     context: TrainContext
     storage: RunStorage
     checkpoint: Checkpoint | None
-    first_checkpoint_index: int
+    #: Reports are numbered across the whole run (all attempts): a restart that resumes from
+    #: checkpoint 3 numbers its first report 4. A checkpoint's index is its report's number.
+    iteration: int = 0
     upload: str = "sync"
     outbox: queue.Queue = field(default_factory=queue.Queue)
-    iteration: int = 0
     last_report_time: float = field(default_factory=time.time)
     _uploader: threading.Thread | None = None
     _upload_error: BaseException | None = None
@@ -112,7 +113,7 @@ class _Session:
         if checkpoint is None:
             self.outbox.put(("report", {"metrics": result, "checkpoint": None}))
             return
-        index = self.first_checkpoint_index + self.iteration - 1
+        index = self.iteration
         rank, attempt = self.context.get_world_rank(), self.context.get_attempt()
         if self.upload == "sync":
             files = self.storage.upload(checkpoint.path, index, attempt, rank)

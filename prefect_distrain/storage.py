@@ -35,6 +35,7 @@ from .exceptions import CheckpointUploadError, ConfigurationError
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFESTS = "_manifests"
+ATTEMPTS = "_attempts"
 _DIRNAME = re.compile(r"^checkpoint_(\d{6,})-a(\d+)$")
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -165,7 +166,24 @@ class RunStorage:
         attempts = [int(m.group(2)) for m in map(_DIRNAME.match, names) if m]
         manifests = self.read_manifests()
         attempts += [m["attempt"] for m in manifests]
+        attempts += [a["attempt"] for a in self.read_attempts()]
         return manifests, (max(attempts) + 1 if attempts else 0)
+
+    def record_attempt(self, record: dict) -> None:
+        """The attempt ledger: one JSON file per start of the worker group, rewritten when
+        the attempt ends. It also keeps attempt numbers unique across Prefect retries."""
+        fs, _ = self.filesystem()
+        data = json.dumps(record, default=_json_default, indent=1).encode()
+        _atomic_write(fs, self._join(ATTEMPTS, f"attempt_{record['attempt']:05d}.json"), data)
+
+    def read_attempts(self) -> list[dict]:
+        fs, _ = self.filesystem()
+        try:
+            paths = sorted(fs.ls(self._join(ATTEMPTS), detail=False))
+        except FileNotFoundError:
+            return []
+        return sorted((json.loads(fs.cat_file(p)) for p in paths if p.endswith(".json")),
+                      key=lambda a: a["attempt"])
 
     def read_manifests(self) -> list[dict]:
         fs, _ = self.filesystem()

@@ -1,5 +1,11 @@
 """The Prefect task ``train``: validate, start the worker group, run, return a TrainResult.
 
+Retries: ``train.with_options(retries=N)`` (or a flow with ``retries=N``) resumes by itself.
+The default run name is ``<function>-<flow run id, 8 hex>-<call number in the flow>``, the same
+for every retry of the task and of the flow run, so a retry finds the run's checkpoints; on a
+retry, ``resume_from_checkpoint=None`` becomes ``"latest"``. Prefect retries only
+infrastructure failures (``retry_on_infrastructure``): the user's bug fails once.
+
 ```python
 from prefect import flow
 import prefect_distrain as pd
@@ -15,18 +21,21 @@ The task holds no state of its own: everything lives in the Trainer it builds an
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from .artifacts import PrefectArtifacts, publish_checkpoint_table
+from .artifacts import PrefectArtifacts, publish_attempt_ledger, publish_checkpoint_table
 from .backends import BackendConfig
 from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
-from .config import CheckpointConfig, RunConfig, ScalingConfig
+from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from .controller import is_infrastructure_failure
 from .result import TrainResult
 from .trainer import Trainer
 
@@ -39,9 +48,36 @@ def _task_run_name() -> str:
     return f"train-{name}"
 
 
+def retry_on_infrastructure(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry lost workers, collective timeouts, storage errors
+    and a busy cluster; never the user's bug (the same exception on every rank, or fatal)."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except BaseException as failure:  # noqa: BLE001 - some states raise instead of returning
+        error = failure
+    return isinstance(error, BaseException) and is_infrastructure_failure(error)
+
+
+def _stable_run_name(train_loop: Callable) -> str | None:
+    """Same for every retry of this task and of its flow run; None outside a flow run."""
+    context = TaskRunContext.get()
+    if context is None or context.task_run.flow_run_id is None:
+        return None
+    function = "".join(c if c.isalnum() or c in "._-" else "_"
+                       for c in getattr(train_loop, "__name__", "train")).strip("_") or "train"
+    return f"{function}-{context.task_run.flow_run_id.hex[:8]}-{context.task_run.dynamic_key}"
+
+
+def _is_prefect_retry() -> bool:
+    from prefect.runtime import flow_run, task_run
+
+    return (task_run.run_count or 1) > 1 or (flow_run.run_count or 1) > 1
+
+
 # No cache: a training run has effects (checkpoints, metrics) and its inputs (a function,
 # callbacks) do not hash into a meaningful key.
-@task(name="train", cache_policy=NO_CACHE, task_run_name=_task_run_name)
+@task(name="train", cache_policy=NO_CACHE, task_run_name=_task_run_name,
+      retry_condition_fn=retry_on_infrastructure)
 def train(
     train_loop: Callable,
     *,
@@ -50,6 +86,7 @@ def train(
     scaling: ScalingConfig | None = None,
     run: RunConfig | None = None,
     checkpoint: CheckpointConfig | None = None,
+    failure: FailureConfig | None = None,
     resume_from_checkpoint: Checkpoint | str | None = None,
     callbacks: list[TrainingCallback] | None = None,
     ray_address: str | None = None,
@@ -64,12 +101,23 @@ def train(
     """
     began = time.monotonic()
     logger = get_run_logger()
+    run = run or RunConfig()
+    if run.name is None and (name := _stable_run_name(train_loop)) is not None:
+        run = dataclasses.replace(run, name=name)
+    if resume_from_checkpoint is None and _is_prefect_retry():
+        logger.info("This is a Prefect retry: resuming run %r from its latest checkpoint", run.name)
+        resume_from_checkpoint = "latest"
     trainer = Trainer(backend, scaling=scaling or ScalingConfig(), run=run, checkpoint=checkpoint,
-                      ray_address=ray_address, ray_init_kwargs=ray_init_kwargs, logger=logger)
-    with trainer:
-        result = trainer.fit(train_loop, config=config,
-                             callbacks=[*(callbacks or []), PrefectArtifacts()],
-                             resume_from_checkpoint=resume_from_checkpoint)
+                      failure=failure, ray_address=ray_address, ray_init_kwargs=ray_init_kwargs,
+                      logger=logger)
+    try:
+        with trainer:
+            result = trainer.fit(train_loop, config=config,
+                                 callbacks=[*(callbacks or []), PrefectArtifacts()],
+                                 resume_from_checkpoint=resume_from_checkpoint)
+    finally:
+        if trainer.storage is not None:
+            publish_attempt_ledger(trainer.storage)
     publish_checkpoint_table(result)
     logger.info("Training finished in %.1f s on %d worker(s); final metrics: %s",
                 time.monotonic() - began, result.world_size,

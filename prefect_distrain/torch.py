@@ -104,12 +104,17 @@ def prepare_data_loader(data_loader: DataLoader, add_dist_sampler: bool = True,
 
 
 class _DeviceLoader:
-    """Iterates a DataLoader, calling ``set_epoch`` per pass and moving batches to a device."""
+    """Iterates a DataLoader, calling ``set_epoch`` per pass and moving batches to a device.
+
+    A loop that calls ``loader.sampler.set_epoch(epoch)`` itself (as a loop resuming at epoch 3
+    must, for the same data order as a run that never stopped) keeps its own epoch.
+    """
 
     def __init__(self, loader: DataLoader, device: torch.device | None):
         self.loader = loader
         self.device = device
-        self.epoch = 0
+        self.passes = 0
+        self._epoch_set = 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -121,9 +126,10 @@ class _DeviceLoader:
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.loader.sampler
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(self.epoch)
-        self.epoch += 1
+        if isinstance(sampler, DistributedSampler) and sampler.epoch == self._epoch_set:
+            sampler.set_epoch(self.passes)  # nobody else set it: count the passes
+            self._epoch_set = self.passes
+        self.passes += 1
         for batch in self.loader:
             yield batch if self.device is None else _to_device(batch, self.device)
 

@@ -12,6 +12,7 @@ The group stays up between ``run`` calls, so a second run skips the start-up.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import time
 from typing import Any, Callable
@@ -19,12 +20,19 @@ from typing import Any, Callable
 from .backends import BackendConfig, resolve_backend
 from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
-from .config import CheckpointConfig, RunConfig, ScalingConfig
-from .controller import RunSpec, run_training
-from .exceptions import ConfigurationError
+from . import constants
+from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from .controller import RunSpec, ScaleUp, is_infrastructure_failure, run_training
+from .exceptions import ConfigurationError, ResourcesUnavailableError
 from .result import TrainResult
 from .storage import RunStorage, find_manifest, redact_url
-from .worker_group import WorkerGroup, ray_connection, storage_is_visible
+from .worker_group import (
+    WorkerGroup,
+    capacity_now,
+    check_cluster_can_hold,
+    ray_connection,
+    storage_is_visible,
+)
 
 _logger = logging.getLogger("prefect_distrain")
 
@@ -42,6 +50,7 @@ class Trainer:
         scaling: ScalingConfig | None = None,
         run: RunConfig | None = None,
         checkpoint: CheckpointConfig | None = None,
+        failure: FailureConfig | None = None,
         ray_address: str | None = None,
         ray_init_kwargs: dict[str, Any] | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
@@ -70,6 +79,12 @@ class Trainer:
         self.scaling = scaling
         self.run_config = run or RunConfig()
         self.checkpoint_config = checkpoint or CheckpointConfig()
+        if failure is not None and not isinstance(failure, FailureConfig):
+            raise ConfigurationError(
+                f"failure must be a FailureConfig, got {type(failure).__name__}")
+        self.failure_config = failure or FailureConfig()
+        self.storage: RunStorage | None = None
+        self._cluster_checked = False
         self.ray_address = ray_address
         self.ray_init_kwargs = ray_init_kwargs
         self.logger = logger or _logger
@@ -87,18 +102,58 @@ class Trainer:
             stack = contextlib.ExitStack()
             stack.enter_context(ray_connection(self.ray_address, self.ray_init_kwargs))
             self._ray = stack
-        began = time.monotonic()
-        group = WorkerGroup(self.scaling)
         try:
-            group.start()
-            self._backend.on_start(group, self.backend_config)
+            if not self._cluster_checked:
+                check_cluster_can_hold(self.scaling)
+                self._cluster_checked = True
+            self._group = self._start_group()
         except BaseException:
-            group.shutdown()
             self._release_ray()
             raise
-        self._group = group
-        self.logger.info("Started %d %s worker(s) in %.1f s", len(group),
-                         self.backend_config.name, time.monotonic() - began)
+
+    def _start_group(self) -> WorkerGroup:
+        """As many workers as the cluster holds now, up to ``num_workers`` and at least
+        ``min_workers`` (``num_workers`` if not elastic); waits with a doubling, logged backoff
+        while it holds fewer, up to PREFECT_DISTRAIN_PLACEMENT_GROUP_TIMEOUT_S."""
+        wanted, least = self.scaling.num_workers, self.scaling.least_workers
+        timeout = constants.placement_group_timeout()
+        deadline = time.monotonic() + timeout
+        delay = 1.0
+        while True:
+            began = time.monotonic()
+            size = min(wanted, capacity_now(self.scaling))
+            if size >= least:
+                group = WorkerGroup(self.scaling, size)
+                try:
+                    group.start(timeout=max(1.0, min(deadline - began, 10.0)))
+                    self._backend.on_start(group, self.backend_config)
+                    self.logger.info("Started %d %s worker(s) in %.1f s", size,
+                                     self.backend_config.name, time.monotonic() - began)
+                    return group
+                except ResourcesUnavailableError:
+                    group.shutdown()  # not placed in time: the cluster changed; look again
+                except BaseException:
+                    group.shutdown()
+                    raise
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ResourcesUnavailableError(
+                    f"waited {timeout:g} s for the cluster to hold {least} worker(s) of "
+                    f"{self.scaling.worker_resources}; it holds {max(size, 0)} now (other work "
+                    f"holds its resources, or nodes are gone). Set "
+                    f"{constants.PLACEMENT_GROUP_TIMEOUT_ENV} to wait longer",
+                    requested=self.scaling.worker_resources, retryable=True)
+            self.logger.warning(
+                "Waiting for resources: the cluster can hold %d of the %d worker(s) needed; "
+                "looking again in %.0f s", max(size, 0), least, min(delay, remaining))
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, constants.backoff_max())
+
+    def _discard_group(self) -> None:
+        """After a failure: the actors are killed, not shut down gracefully."""
+        group, self._group = self._group, None
+        if group is not None:
+            group.shutdown()
 
     def shutdown(self) -> None:
         """Tear down the backend, kill the workers and leave Ray as it was found."""
@@ -140,7 +195,9 @@ class Trainer:
         """Run ``train_func`` on every worker; the full result (metrics, checkpoint, returns).
 
         ``resume_from_checkpoint``: a Checkpoint, the path/URL of one, or ``"latest"`` for this
-        run's latest committed checkpoint (a fresh start when there is none).
+        run's latest committed checkpoint (a fresh start, logged, when there is none). After an
+        infrastructure failure the group restarts (``FailureConfig.max_failures`` times) from
+        the latest committed checkpoint; an elastic group also restarts to grow back.
         """
         began = time.monotonic()
         callbacks = list(callbacks or [])
@@ -150,6 +207,7 @@ class Trainer:
                     f"callbacks must be TrainingCallback instances, got {type(callback).__name__}")
         url, options = self.run_config.resolved_storage()
         storage = RunStorage(url, self.run_config.name or _default_run_name(train_func), options)
+        self.storage = storage
         marker = storage.check_writable()  # a bad bucket or credentials fail before any worker
         try:
             self.start()
@@ -157,33 +215,85 @@ class Trainer:
             _check_workers_see(storage, marker, self._group)
         finally:
             storage.remove_marker(marker)
-        committed, attempt = storage.layout()
-        resume = self._resume_checkpoint(resume_from_checkpoint, storage, committed)
-        spec = RunSpec(train_func=train_func, config=config, storage=storage,
-                       backend_name=self.backend_config.name, checkpoint_config=self.checkpoint_config,
-                       resume_from=resume, callbacks=callbacks, attempt=attempt,
-                       committed=committed,
-                       protected={resume.manifest["directory"]} if resume and resume.manifest
-                       and resume.path.startswith(storage.run_url + "/") else set())
-        self._backend.on_training_start(self._group, self.backend_config)
-        try:
-            outcome = run_training(self._group, spec, self.logger)
-        except BaseException:
-            if self._group is not None:
-                self._group.shutdown()  # a failed group is not reused
-                self._group = None
-            raise
+        history: list[dict[str, Any]] = []
+        failures, attempt, restart_cause = 0, -1, None
+        while True:
+            committed, next_attempt = storage.layout()
+            attempt = max(next_attempt, attempt + 1)
+            if restart_cause is None:
+                resume = self._resume_checkpoint(resume_from_checkpoint, storage, committed)
+            else:
+                latest = max(committed, key=lambda m: m["index"], default=None)
+                resume = storage.checkpoint(latest["directory"], latest) if latest else resume
+            self.start()
+            group = self._group
+            assert group is not None
+            resumed_index = resume.index if resume is not None and resume.index else 0
+            history[:] = [h for h in history if h["_training_iteration"] <= resumed_index]
+            record = {"attempt": attempt, "started_at": _now(), "world_size": len(group),
+                      "resumed_from": redact_url(resume.path) if resume else None,
+                      **_after(storage.read_attempts(), resumed_index, restart_cause),
+                      "status": "running"}
+            storage.record_attempt(record)
+            spec = RunSpec(
+                train_func=train_func, config=config, storage=storage,
+                backend_name=self.backend_config.name, checkpoint_config=self.checkpoint_config,
+                resume_from=resume, callbacks=callbacks, attempt=attempt, committed=committed,
+                history=history,
+                protected={resume.manifest["directory"]} if resume and resume.manifest
+                and resume.path.startswith(storage.run_url + "/") else set(),
+                can_scale_up=self._scale_up_check(len(group)),
+                is_backend_failure=self._backend.is_runtime_failure,
+                fatal_exceptions=self.failure_config.fatal_exceptions)
+            self._backend.on_training_start(group, self.backend_config)
+            try:
+                outcome = run_training(group, spec, self.logger)
+            except ScaleUp as scale:
+                self._discard_group()
+                restart_cause = f"scale up from {len(group)} workers after checkpoint {scale.index}"
+                storage.record_attempt({**record, "status": "scaled up", "ended_at": _now(),
+                                        "cause": restart_cause,
+                                        "last_reported": _last_reported(history)})
+                self.logger.info("The cluster can hold %d workers again: restarting from "
+                                 "checkpoint %d", self.scaling.num_workers, scale.index)
+                continue
+            except BaseException as error:
+                self._discard_group()
+                cause = f"{type(error).__name__}: {error}"[:300]
+                storage.record_attempt({**record, "status": "failed", "ended_at": _now(),
+                                        "cause": cause, "last_reported": _last_reported(history)})
+                if not is_infrastructure_failure(error):
+                    raise
+                if not self.failure_config.may_restart(failures):
+                    if self.failure_config.max_failures:
+                        self.logger.error("Giving up after %d restart(s): %s", failures, cause)
+                    raise
+                failures += 1
+                restart_cause = cause
+                self.logger.warning("Attempt %d failed (%s); restart %d of %s from the latest "
+                                    "committed checkpoint", attempt, cause, failures,
+                                    "unlimited" if self.failure_config.max_failures == -1
+                                    else self.failure_config.max_failures)
+                continue
+            storage.record_attempt({**record, "status": "completed", "ended_at": _now(),
+                                    "last_reported": _last_reported(history)})
+            break
         checkpoints = [storage.checkpoint(m["directory"], m).without_credentials()
                        for m in outcome.committed]
-        history = outcome.history
         return TrainResult(
             metrics=history[-1] if history else None, metrics_history=history,
             worker_results=outcome.returns,
             checkpoint=max(checkpoints, key=lambda c: c.index, default=None),
             best_checkpoints=_best_first(checkpoints, self.checkpoint_config),
             run_name=storage.name, path=redact_url(storage.run_url),
-            backend=self.backend_config.name, world_size=len(self._group), attempt=attempt,
-            wall_time_s=time.monotonic() - began)
+            backend=self.backend_config.name, world_size=len(group), attempt=attempt,
+            failures=failures, wall_time_s=time.monotonic() - began)
+
+    def _scale_up_check(self, size: int) -> Callable[[], bool] | None:
+        missing = self.scaling.num_workers - size
+        if missing <= 0:
+            return None
+        return lambda: capacity_now(self.scaling) >= missing
 
     def _resume_checkpoint(self, value: Checkpoint | str | None, storage: RunStorage,
                            committed: list[dict]) -> Checkpoint | None:
@@ -191,7 +301,13 @@ class Trainer:
             return None
         if value == "latest":
             latest = max(committed, key=lambda m: m["index"], default=None)
-            return storage.checkpoint(latest["directory"], latest) if latest else None
+            if latest is None:
+                self.logger.info("Run %r has no committed checkpoint yet: starting fresh",
+                                 storage.name)
+                return None
+            self.logger.info("Resuming run %r from its latest checkpoint, %d", storage.name,
+                             latest["index"])
+            return storage.checkpoint(latest["directory"], latest)
         if isinstance(value, str):
             value = Checkpoint(value, storage.storage_options)
         if not isinstance(value, Checkpoint):
@@ -235,6 +351,25 @@ def _best_first(checkpoints: list[Checkpoint], config: CheckpointConfig
         ordered = sorted(checkpoints, key=lambda c: (sign * c.metrics[attribute], c.index),
                          reverse=True)
     return [(c, c.metrics) for c in ordered]
+
+
+def _last_reported(history: list[dict[str, Any]]) -> int | None:
+    return history[-1]["_training_iteration"] if history else None
+
+
+def _after(ledger: list[dict], resumed_index: int, restart_cause: str | None) -> dict[str, Any]:
+    """Why this attempt started and how many reported steps it must do again."""
+    previous = ledger[-1] if ledger else None
+    if previous is None or previous["status"] == "completed":
+        return {"restarted_because": restart_cause, "steps_redone": 0}
+    cause = restart_cause or previous.get("cause") or "the driver was lost (no outcome recorded)"
+    last = previous.get("last_reported")
+    return {"restarted_because": cause,
+            "steps_redone": None if last is None else max(0, last - resumed_index)}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _default_run_name(fn: Callable) -> str:

@@ -158,8 +158,16 @@ def _fits_per_node(bundle: dict[str, float], node_resources: dict[str, float]) -
     return min(math.floor(node_resources.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
 
 
+def capacity_now(scaling: ScalingConfig) -> int:
+    """How many more workers the cluster's free resources hold right now."""
+    available = ray.available_resources()
+    return min(math.floor(available.get(k, 0.0) / v + 1e-9)
+               for k, v in scaling.worker_resources.items())
+
+
 def check_cluster_can_hold(scaling: ScalingConfig) -> None:
-    """Fail in seconds, not after a timeout, when the cluster can never hold the group."""
+    """Fail in seconds, not after a timeout, when the cluster can never hold the group (its
+    smallest allowed size, for an elastic group)."""
     bundle = scaling.worker_resources
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     totals: dict[str, float] = {}
@@ -174,7 +182,7 @@ def check_cluster_can_hold(scaling: ScalingConfig) -> None:
             "to a cluster with GPU nodes (ray_address=... or RAY_ADDRESS)",
             requested=bundle, available=totals)
     fits = [_fits_per_node(bundle, n["Resources"]) for n in nodes]
-    n = scaling.num_workers
+    n = scaling.least_workers
     strategy = scaling.placement_strategy
     if strategy == "STRICT_PACK":
         holdable = max(fits, default=0)
@@ -183,8 +191,9 @@ def check_cluster_can_hold(scaling: ScalingConfig) -> None:
     else:
         holdable = sum(fits)
     if holdable < n and not constants.autoscaling_allowed():
+        at_least = "at least " if scaling.min_workers else ""
         raise ResourcesUnavailableError(
-            f"ScalingConfig asks for {n} workers of {_describe(bundle)} each "
+            f"ScalingConfig asks for {at_least}{n} workers of {_describe(bundle)} each "
             f"({strategy}), but this Ray cluster can hold at most {holdable} "
             f"(cluster: {_describe(totals)} on {len(nodes)} node(s)). Lower num_workers or "
             "resources_per_worker, or connect to a larger cluster (ray_address=...). On a "
@@ -197,10 +206,12 @@ def _describe(resources: dict[str, float]) -> str:
 
 
 class WorkerGroup:
-    """``num_workers`` actors, ranked by node so that local ranks are contiguous."""
+    """``size`` actors (``num_workers`` unless an elastic group runs smaller), ranked by node so
+    that local ranks are contiguous."""
 
-    def __init__(self, scaling: ScalingConfig):
+    def __init__(self, scaling: ScalingConfig, size: int | None = None):
         self.scaling = scaling
+        self.size = size or scaling.num_workers
         self.members: list[_Member] = []
         self._placement_group = None
 
@@ -211,24 +222,22 @@ class WorkerGroup:
     def started(self) -> bool:
         return bool(self.members)
 
-    def start(self) -> None:
+    def start(self, timeout: float) -> None:
+        """Place and start the actors; ResourcesUnavailableError (retryable) if the placement
+        group is not ready within ``timeout`` seconds."""
         bundle = self.scaling.worker_resources
         if not bundle:
             raise ConfigurationError(
                 "resources_per_worker leaves a worker with no resources at all; Ray needs at "
                 "least one (e.g. {'CPU': 1})")
-        check_cluster_can_hold(self.scaling)
-        pg = placement_group([dict(bundle)] * self.scaling.num_workers,
-                             strategy=self.scaling.placement_strategy)
+        pg = placement_group([dict(bundle)] * self.size, strategy=self.scaling.placement_strategy)
         self._placement_group = pg
-        timeout = constants.placement_group_timeout()
         if not pg.wait(timeout_seconds=timeout):
             self.shutdown()
             raise ResourcesUnavailableError(
-                f"{self.scaling.num_workers} workers of {_describe(bundle)} did not fit within "
-                f"{timeout:g} s: the cluster could hold them but other work holds its "
-                f"resources now. Set {constants.PLACEMENT_GROUP_TIMEOUT_ENV} to wait longer",
-                requested=bundle, retryable=True)
+                f"{self.size} workers of {_describe(bundle)} were not placed within "
+                f"{timeout:g} s", requested={k: v * self.size for k, v in bundle.items()},
+                retryable=True)
         options: dict[str, Any] = {
             "num_cpus": bundle.get("CPU", 0),
             "num_gpus": bundle.get("GPU", 0),
@@ -244,7 +253,7 @@ class WorkerGroup:
             actor_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=i), **options).remote()
-            for i in range(self.scaling.num_workers)
+            for i in range(self.size)
         ]
         try:
             metadata = ray.get([a.metadata.remote() for a in actors],

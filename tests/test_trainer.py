@@ -260,7 +260,8 @@ def test_checkpoints_are_persisted_and_a_fresh_run_resumes_from_one(tmp_path):
         result = trainer.fit(checkpointing_loop, config={"steps": 3})
     assert result.checkpoint.path == str(tmp_path / "first" / "checkpoint_000003-a0")
     assert sorted(os.listdir(tmp_path / "first")) == [
-        "_manifests", "checkpoint_000001-a0", "checkpoint_000002-a0", "checkpoint_000003-a0"]
+        "_attempts", "_manifests", "checkpoint_000001-a0", "checkpoint_000002-a0",
+        "checkpoint_000003-a0"]
     assert torch.load(tmp_path / "first" / "checkpoint_000002-a0" / "state.pt",
                       weights_only=True) == {"step": 1}
     middle = pd.Checkpoint(str(tmp_path / "first" / "checkpoint_000002-a0"))
@@ -270,7 +271,9 @@ def test_checkpoints_are_persisted_and_a_fresh_run_resumes_from_one(tmp_path):
                               resume_from_checkpoint=middle)
     assert resumed.worker_results == [[2, 3, 4], [2, 3, 4]]
     assert [m["step"] for m in resumed.metrics_history] == [2, 3, 4]
-    assert resumed.checkpoint.path.endswith("second/checkpoint_000003-a0")
+    # Report numbers go on after the checkpoint resumed from (2): this run's are 3, 4, 5.
+    assert [m["_training_iteration"] for m in resumed.metrics_history] == [3, 4, 5]
+    assert resumed.checkpoint.path.endswith("second/checkpoint_000005-a0")
 
 
 def test_worker_context_matches_the_group(storage):

@@ -23,6 +23,11 @@ class Backend:
     def on_training_start(self, worker_group: WorkerGroup, config: BackendConfig) -> None:
         """Before each run of the training function on the group."""
 
+    def is_runtime_failure(self, error: BaseException) -> bool:
+        """True if ``error`` comes from the framework's distributed runtime (a collective that
+        timed out, a peer that vanished) rather than from the user's code: worth a restart."""
+        return False
+
     def on_shutdown(self, worker_group: WorkerGroup, config: BackendConfig) -> None:
         """Before the actors are killed after a clean run; not called after a failure, when a
         collective may hang."""

@@ -53,6 +53,13 @@ class _TorchBackend(Backend):
                              config.process_group_backend(use_gpu), config.timeout_s,
                              timeout=timeout)
 
+    def is_runtime_failure(self, error: BaseException) -> bool:
+        # DistError covers DistBackendError (e.g. a collective timeout), DistNetworkError and
+        # DistStoreError: the runtime, not the user's code.
+        import torch.distributed as dist
+
+        return isinstance(error, getattr(dist, "DistError", ()))
+
     def on_shutdown(self, worker_group: WorkerGroup, config: TorchConfig) -> None:
         worker_group.execute(_leave_process_group, timeout=constants.shutdown_timeout())
 
