@@ -1,9 +1,10 @@
 """The Prefect task ``train``: validate, start the worker group, run, return a TrainResult.
 
 Retries: ``train.with_options(retries=N)`` (or a flow with ``retries=N``) resumes by itself.
-The default run name is ``<function>-<flow run id, 8 hex>-<call number in the flow>``, the same
-for every retry of the task and of the flow run, so a retry finds the run's checkpoints; on a
-retry, ``resume_from_checkpoint=None`` becomes ``"latest"``. Prefect retries only
+The default run name is ``<function>-<flow run id, 8 hex>-<digest of backend, config and
+scaling>`` (``-1``, ``-2``... for repeated identical calls), the same for every retry of the task
+and of the flow run, so a retry finds the run's checkpoints; on a retry,
+``resume_from_checkpoint=None`` becomes ``"latest"``. Prefect retries only
 infrastructure failures (``retry_on_infrastructure``): the user's bug fails once.
 
 ```python
@@ -22,6 +23,8 @@ The task holds no state of its own: everything lives in the Trainer it builds an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import threading
 import time
 from typing import Any, Callable
 
@@ -58,14 +61,38 @@ def retry_on_infrastructure(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(error, BaseException) and is_infrastructure_failure(error)
 
 
-def _stable_run_name(train_loop: Callable) -> str | None:
-    """Same for every retry of this task and of its flow run; None outside a flow run."""
+_names_lock = threading.Lock()
+_names_by_task_run: dict[Any, str] = {}
+_calls_by_identity: dict[tuple, int] = {}
+
+
+def _stable_run_name(train_loop: Callable, identity: tuple) -> str | None:
+    """``<function>-<flow run id, 8 hex>-<digest of backend, config, scaling>[-N]``.
+
+    The same for every retry of this task (same task run) and of its flow run (the flow
+    function runs again and makes the same calls); ``-N`` tells apart the N-th identical call
+    within one run of the flow. Prefect's own dynamic keys are random in this engine, so they
+    can't serve. None outside a flow run.
+    """
+    from prefect.runtime import flow_run
+
     context = TaskRunContext.get()
     if context is None or context.task_run.flow_run_id is None:
         return None
-    function = "".join(c if c.isalnum() or c in "._-" else "_"
-                       for c in getattr(train_loop, "__name__", "train")).strip("_") or "train"
-    return f"{function}-{context.task_run.flow_run_id.hex[:8]}-{context.task_run.dynamic_key}"
+    task_run = context.task_run
+    with _names_lock:
+        if task_run.id in _names_by_task_run:
+            return _names_by_task_run[task_run.id]
+        digest = hashlib.sha1(repr(identity).encode()).hexdigest()[:6]
+        key = (task_run.flow_run_id, flow_run.run_count, digest)
+        duplicate = _calls_by_identity.get(key, 0)
+        _calls_by_identity[key] = duplicate + 1
+        function = "".join(c if c.isalnum() or c in "._-" else "_"
+                           for c in getattr(train_loop, "__name__", "train")).strip("_")
+        name = f"{function or 'train'}-{task_run.flow_run_id.hex[:8]}-{digest}"
+        name += f"-{duplicate}" if duplicate else ""
+        _names_by_task_run[task_run.id] = name
+        return name
 
 
 def _is_prefect_retry() -> bool:
@@ -102,7 +129,8 @@ def train(
     began = time.monotonic()
     logger = get_run_logger()
     run = run or RunConfig()
-    if run.name is None and (name := _stable_run_name(train_loop)) is not None:
+    identity = (getattr(train_loop, "__qualname__", ""), backend, config, scaling)
+    if run.name is None and (name := _stable_run_name(train_loop, identity)) is not None:
         run = dataclasses.replace(run, name=name)
     if resume_from_checkpoint is None and _is_prefect_retry():
         logger.info("This is a Prefect retry: resuming run %r from its latest checkpoint", run.name)

@@ -36,6 +36,10 @@ from .worker_group import (
 
 _logger = logging.getLogger("prefect_distrain")
 
+#: After a scale-up decision, how long to wait for the old group's resources to come back
+#: before starting a smaller group after all.
+_RELEASE_WAIT_S = 10.0
+
 
 class Trainer:
     """Runs a training function on ``num_workers`` Ray actors with a backend set up on them."""
@@ -94,7 +98,7 @@ class Trainer:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, expect_full: bool = False) -> None:
         """Connect to (or start) Ray, start the workers and set up the backend."""
         if self._group is not None:
             return
@@ -106,16 +110,23 @@ class Trainer:
             if not self._cluster_checked:
                 check_cluster_can_hold(self.scaling)
                 self._cluster_checked = True
-            self._group = self._start_group()
+            self._group = self._start_group(expect_full)
         except BaseException:
             self._release_ray()
             raise
 
-    def _start_group(self) -> WorkerGroup:
+    def _start_group(self, expect_full: bool = False) -> WorkerGroup:
         """As many workers as the cluster holds now, up to ``num_workers`` and at least
         ``min_workers`` (``num_workers`` if not elastic); waits with a doubling, logged backoff
-        while it holds fewer, up to PREFECT_DISTRAIN_PLACEMENT_GROUP_TIMEOUT_S."""
+        while it holds fewer, up to PREFECT_DISTRAIN_PLACEMENT_GROUP_TIMEOUT_S.
+
+        ``expect_full``: the cluster was just seen to hold the full group (a scale-up); give
+        Ray a moment to release the old group's resources before settling for fewer.
+        """
         wanted, least = self.scaling.num_workers, self.scaling.least_workers
+        settle = time.monotonic() + (_RELEASE_WAIT_S if expect_full else 0.0)
+        while capacity_now(self.scaling) < wanted and time.monotonic() < settle:
+            time.sleep(0.2)
         timeout = constants.placement_group_timeout()
         deadline = time.monotonic() + timeout
         delay = 1.0
@@ -216,7 +227,7 @@ class Trainer:
         finally:
             storage.remove_marker(marker)
         history: list[dict[str, Any]] = []
-        failures, attempt, restart_cause = 0, -1, None
+        failures, attempt, restart_cause, scaled_up = 0, -1, None, False
         while True:
             committed, next_attempt = storage.layout()
             attempt = max(next_attempt, attempt + 1)
@@ -225,7 +236,7 @@ class Trainer:
             else:
                 latest = max(committed, key=lambda m: m["index"], default=None)
                 resume = storage.checkpoint(latest["directory"], latest) if latest else resume
-            self.start()
+            self.start(expect_full=scaled_up)
             group = self._group
             assert group is not None
             resumed_index = resume.index if resume is not None and resume.index else 0
@@ -250,6 +261,7 @@ class Trainer:
                 outcome = run_training(group, spec, self.logger)
             except ScaleUp as scale:
                 self._discard_group()
+                scaled_up = True
                 restart_cause = f"scale up from {len(group)} workers after checkpoint {scale.index}"
                 storage.record_attempt({**record, "status": "scaled up", "ended_at": _now(),
                                         "cause": restart_cause,
@@ -259,6 +271,7 @@ class Trainer:
                 continue
             except BaseException as error:
                 self._discard_group()
+                scaled_up = False
                 cause = f"{type(error).__name__}: {error}"[:300]
                 storage.record_attempt({**record, "status": "failed", "ended_at": _now(),
                                         "cause": cause, "last_reported": _last_reported(history)})

@@ -28,9 +28,10 @@ def _install_flaky_protocol() -> None:
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray for the whole session; ``train`` must find it and leave it running."""
+    """A local Ray per test module (the multi-node modules build their own cluster); ``train``
+    must find it and leave it running."""
     assert not ray.is_initialized()
     import flaky_fs
 
@@ -56,7 +57,7 @@ def env_police():
     yield
     after = dict(os.environ)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-    changed = {k for k in changed if not k.startswith(("PREFECT_", "RAY_", "PYTEST_"))}
+    changed = {k for k in changed if not k.startswith(("PREFECT_", "RAY_", "PYTEST_", "PYTHONBREAKPOINT"))}
     assert not changed, f"the test leaked environment variables into the driver: {sorted(changed)}"
 
 

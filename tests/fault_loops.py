@@ -1,0 +1,69 @@
+"""Training functions for the fault tests: deterministic, so a run that was killed and resumed
+must end with exactly the weights of one that never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+
+import torch
+
+import prefect_distrain as pd
+
+
+def deterministic_loop(config):
+    """A tiny MLP, seeded weights and data, DistributedSampler epochs set explicitly, a
+    checkpoint (model + optimizer + epoch) after every epoch.
+
+    ``config["kills"]``: {attempt: [epoch, step, rank]}: SIGKILL that rank there, on that
+    attempt only. ``config["progress"]``: a file rank 0 writes the finished epoch to.
+    """
+    ctx = pd.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(0)
+    model = pd.torch.prepare_model(torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=generator)
+    y = x.sum(1, keepdim=True).sin()
+    loader = pd.torch.prepare_data_loader(torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True))
+    start = 0
+    if (checkpoint := pd.get_checkpoint()) is not None:
+        state = pd.torch.load_state(checkpoint, "state.pt")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["epoch"] + 1
+    kill = config.get("kills", {}).get(ctx.get_attempt())
+    seen = 0
+    for epoch in range(start, config["epochs"]):
+        loader.sampler.set_epoch(epoch)
+        for step, (xb, yb) in enumerate(loader):
+            if kill is not None and [epoch, step, rank] == list(kill):
+                os.kill(os.getpid(), signal.SIGKILL)
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            seen += len(yb)
+        time.sleep(config.get("epoch_sleep", 0))
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "epoch": epoch}, os.path.join(folder, "state.pt"))
+            pd.report({"epoch": epoch, "loss": loss.item(), "world_size": ctx.get_world_size(),
+                       "samples": seen},
+                      checkpoint=pd.Checkpoint.from_directory(folder) if rank == 0 else None)
+        if rank == 0 and config.get("progress"):
+            with open(config["progress"], "w") as handle:
+                handle.write(str(epoch))
+        seen = 0
+    return {"weights": [p.detach().clone() for p in model.parameters()],
+            "attempt": ctx.get_attempt(), "world_size": ctx.get_world_size()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a["weights"], b["weights"], strict=True))

@@ -1,0 +1,118 @@
+"""The elastic protocol on a multi-node ``ray.cluster_utils.Cluster``: a node is lost, training
+goes on with fewer workers, grows back when the node returns; with no resources at all it waits
+with a logged backoff."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+import prefect_distrain as pd
+from conftest import assert_no_train_actors
+from fault_loops import deterministic_loop
+
+
+@pytest.fixture
+def cluster():
+    """A head and a 2-CPU node; the test changes the nodes while training runs."""
+    assert not ray.is_initialized()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    node = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster, node
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+class NodeChanges(pd.TrainingCallback):
+    """Runs node changes from the driver's loop at given report numbers, once each."""
+
+    def __init__(self, changes: dict[int, callable]):
+        self.changes = dict(changes)
+
+    def handle_result(self, results, training_iteration, **info):
+        change = self.changes.pop(training_iteration, None)
+        if change is not None:
+            change()
+
+
+def test_lost_node_shrinks_the_group_and_it_grows_back(cluster, tmp_path):
+    cluster, node = cluster
+    changes = NodeChanges({
+        2: lambda: cluster.remove_node(node),
+        4: lambda: cluster.add_node(num_cpus=2),
+    })
+    scaling = pd.ScalingConfig(num_workers=4, min_workers=2)
+    with pd.Trainer(scaling=scaling, run=pd.RunConfig(name="elastic", storage=str(tmp_path)),
+                    failure=pd.FailureConfig(max_failures=2)) as trainer:
+        result = trainer.fit(deterministic_loop, config={"epochs": 8, "epoch_sleep": 0.3},
+                             callbacks=[changes])
+    sizes = [(m["epoch"], m["world_size"]) for m in result.metrics_history]
+    assert [e for e, _ in sizes] == list(range(8)), "every epoch reported once, in order"
+    assert sizes[0][1] == 4 and sizes[-1][1] == 4
+    assert 2 in {w for _, w in sizes}, "trained on the two workers the cluster had left"
+    # Data sharding follows the world size: 64 samples split over the workers of the epoch.
+    assert all(m["samples"] == 64 // m["world_size"] for m in result.metrics_history)
+    assert result.world_size == 4 and result.failures == 1
+    assert [r["world_size"] for r in result.worker_results] == [4] * 4
+    statuses = [a["status"] for a in trainer.storage.read_attempts()]
+    assert statuses == ["failed", "scaled up", "completed"]
+    assert [a["world_size"] for a in trainer.storage.read_attempts()] == [4, 2, 4]
+    assert_no_train_actors()
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_no_resources_at_all_backs_off_then_resumes_when_a_node_joins(cluster, tmp_path):
+    cluster, node = cluster
+    # The head's 2 CPUs are taken, so only `node` can hold workers.
+    blocker = ray.remote(num_cpus=2)(lambda: time.sleep(3600)).remote()
+    logger = logging.getLogger("test-backoff")
+    records = Records()
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    changes = NodeChanges({2: lambda: cluster.remove_node(node)})
+    outcome: dict = {}
+
+    def train():
+        try:
+            with pd.Trainer(num_workers=2, run=pd.RunConfig(name="backoff", storage=str(tmp_path)),
+                            failure=pd.FailureConfig(max_failures=1), logger=logger) as trainer:
+                outcome["result"] = trainer.fit(deterministic_loop, config={"epochs": 5},
+                                                callbacks=[changes])
+        except BaseException as error:  # noqa: BLE001 - re-raised by the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while sum("Waiting for resources" in m for m in records.messages) < 2:
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, records.messages
+        time.sleep(0.2)
+    cluster.add_node(num_cpus=2)
+    thread.join(timeout=180)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    waits = [m for m in records.messages if "Waiting for resources" in m]
+    assert "can hold 0 of the 2 worker(s) needed; looking again in 1 s" in waits[0]
+    assert "looking again in 2 s" in waits[1], "the pause doubles"
+    assert [m["epoch"] for m in result.metrics_history] == list(range(5))
+    assert result.failures == 1
+    ray.cancel(blocker, force=True)
+    assert_no_train_actors()
