@@ -43,7 +43,8 @@ from .session import TrainContext, get_checkpoint, get_context, report
 from .trainer import Trainer
 
 if TYPE_CHECKING:
-    from . import torch
+    from . import tensorflow, torch
+    from .backends.tensorflow import TensorflowConfig
     from .backends.torch import TorchConfig
     from .tasks import retry_on_infrastructure, train
 
@@ -53,7 +54,9 @@ _LAZY = {
     "train": ("prefect_distrain.tasks", "train"),
     "retry_on_infrastructure": ("prefect_distrain.tasks", "retry_on_infrastructure"),
     "TorchConfig": ("prefect_distrain.backends.torch", "TorchConfig"),
+    "TensorflowConfig": ("prefect_distrain.backends.tensorflow", "TensorflowConfig"),
     "torch": ("prefect_distrain.torch", None),
+    "tensorflow": ("prefect_distrain.tensorflow", None),
 }
 
 __all__ = [
@@ -61,9 +64,9 @@ __all__ = [
     "CheckpointUploadError", "ConfigurationError", "DistrainError", "FailureConfig",
     "UnsafeCheckpointError", "retry_on_infrastructure",
     "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError", "RunConfig",
-    "ScalingConfig", "TorchConfig", "TrainContext", "TrainResult", "Trainer",
+    "ScalingConfig", "TensorflowConfig", "TorchConfig", "TrainContext", "TrainResult", "Trainer",
     "TrainingCallback", "WorkerError", "WorkerLostError", "available_backends",
-    "get_checkpoint", "get_context", "report", "torch", "train",
+    "get_checkpoint", "get_context", "report", "tensorflow", "torch", "train",
 ]
 
 

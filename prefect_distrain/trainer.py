@@ -134,7 +134,8 @@ class Trainer:
             began = time.monotonic()
             size = min(wanted, capacity_now(self.scaling))
             if size >= least:
-                group = WorkerGroup(self.scaling, size)
+                group = WorkerGroup(self.scaling, size,
+                                    env=self._backend.worker_env(self.backend_config))
                 try:
                     group.start(timeout=max(1.0, min(deadline - began, 10.0)))
                     self._backend.on_start(group, self.backend_config)

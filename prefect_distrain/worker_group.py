@@ -209,9 +209,11 @@ class WorkerGroup:
     """``size`` actors (``num_workers`` unless an elastic group runs smaller), ranked by node so
     that local ranks are contiguous."""
 
-    def __init__(self, scaling: ScalingConfig, size: int | None = None):
+    def __init__(self, scaling: ScalingConfig, size: int | None = None,
+                 env: dict[str, str] | None = None):
         self.scaling = scaling
         self.size = size or scaling.num_workers
+        self.env = dict(env or {})
         self.members: list[_Member] = []
         self._placement_group = None
 
@@ -248,6 +250,8 @@ class WorkerGroup:
         extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
         if extra:
             options["resources"] = extra
+        if self.env:  # set at process start, before anything is imported
+            options["runtime_env"] = {"env_vars": self.env}
         actor_cls = ray.remote(TrainWorker)
         actors = [
             actor_cls.options(

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Creates .venv and installs prefect-distrain with its torch, s3, examples and test extras.
+# Creates .venv and installs prefect-distrain with its torch, s3, examples and test extras, and
+# TensorFlow (CPU) with tf-keras.
 # torch goes first and the constraints file rides along on every pip call: any other request
 # for torch would pull a CUDA build with several GB of NVIDIA packages on this CPU machine.
+# TensorFlow comes as tensorflow-cpu; tf-keras declares a dependency on `tensorflow` (the other
+# wheel of the same code), so it is installed without its dependencies. On a GPU machine,
+# `pip install prefect-distrain[tensorflow]` (tensorflow + tf-keras) is the right thing instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -10,4 +14,7 @@ pip=(.venv/bin/python -m pip install --quiet --progress-bar off -c constraints.t
 "${pip[@]}" --upgrade pip
 "${pip[@]}" torch
 "${pip[@]}" -e ".[torch,s3,examples,test]"
+"${pip[@]}" tensorflow-cpu
+"${pip[@]}" --no-deps tf-keras
 .venv/bin/python -c "import prefect_distrain, torch, ray, prefect; print('installed: prefect-distrain', prefect_distrain.__version__, '| torch', torch.__version__, '| ray', ray.__version__, '| prefect', prefect.__version__)"
+TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -c "import tensorflow as tf, tf_keras; print('installed: tensorflow', tf.__version__, '| tf-keras', tf_keras.__version__)"

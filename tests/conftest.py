@@ -65,8 +65,9 @@ def live_train_actors() -> list:
     """TrainWorker actors that are not DEAD, per Ray's state API."""
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("class_name", "=", "TrainWorker")], limit=1000)
-            if a.state != "DEAD"]
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", "TrainWorker")], limit=1000)
+    return [a for a in actors if a.state != "DEAD"]
 
 
 def assert_no_train_actors(timeout: float = 20.0) -> None:

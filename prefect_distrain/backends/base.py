@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 class Backend:
     """Set up and tear down a framework's distributed runtime on a worker group."""
 
+    def worker_env(self, config: BackendConfig) -> dict[str, str]:
+        """Environment variables the worker processes must have from their start, before any
+        import (e.g. a switch read when the framework is first imported)."""
+        return {}
+
     def on_start(self, worker_group: WorkerGroup, config: BackendConfig) -> None:
         """Once per group start: e.g. join the process group."""
 

@@ -1,0 +1,102 @@
+"""TensorFlow: TF_CONFIG on every worker, so ``MultiWorkerMirroredStrategy()`` forms the cluster.
+
+Each worker picks a free port on its node; every worker gets the same cluster list and its own
+index (rank 0 is the chief). With ``keras="tf_keras"`` (the default, the one whose ``model.fit``
+works under MultiWorkerMirroredStrategy) the worker processes start with
+``TF_USE_LEGACY_KERAS=1``, so ``tf.keras`` is tf-keras; that variable must be set before
+TensorFlow is first imported, which is why it goes into the actors' environment at creation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from .. import constants
+from .base import Backend, BackendConfig
+
+if TYPE_CHECKING:
+    from ..worker_group import WorkerGroup
+
+INSTALL_HINT = "pip install 'prefect-distrain[tensorflow]'"
+KERAS_CHOICES = ("tf_keras", "keras3")
+
+#: TensorFlow's errors of a collective whose peer vanished or timed out (checked by name so
+#: that the driver need not import TensorFlow).
+_RUNTIME_ERRORS = {"UnavailableError", "DeadlineExceededError", "AbortedError", "CancelledError"}
+
+
+def import_tensorflow():
+    try:
+        import tensorflow as tf
+    except ImportError as error:
+        raise ImportError(f"the tensorflow backend needs TensorFlow: {INSTALL_HINT}") from error
+    return tf
+
+
+def _address_and_free_port() -> str:
+    import socket
+
+    import ray
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return f"{ray.util.get_node_ip_address()}:{port}"
+
+
+def _set_tf_config(workers: list[str]) -> None:
+    from ..worker_group import get_worker_info
+
+    rank = get_worker_info().world_rank
+    os.environ["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}})
+
+
+def _clear_tf_config() -> None:
+    os.environ.pop("TF_CONFIG", None)
+
+
+class _TensorflowBackend(Backend):
+    def worker_env(self, config: TensorflowConfig) -> dict[str, str]:
+        return {"TF_USE_LEGACY_KERAS": "1"} if config.keras == "tf_keras" else {}
+
+    def on_start(self, worker_group: WorkerGroup, config: TensorflowConfig) -> None:
+        timeout = constants.backend_setup_timeout()
+        workers = worker_group.execute(_address_and_free_port, timeout=timeout)
+        worker_group.execute(_set_tf_config, workers, timeout=timeout)
+
+    def is_runtime_failure(self, error: BaseException) -> bool:
+        kind = type(error)
+        return kind.__module__.startswith("tensorflow.") and kind.__name__ in _RUNTIME_ERRORS
+
+    def on_shutdown(self, worker_group: WorkerGroup, config: TensorflowConfig) -> None:
+        worker_group.execute(_clear_tf_config, timeout=constants.shutdown_timeout())
+
+
+@dataclass(frozen=True)
+class TensorflowConfig(BackendConfig):
+    """Options of the tensorflow backend.
+
+    ``keras``: ``"tf_keras"`` (default) makes ``tf.keras`` the tf-keras package, whose
+    ``model.fit`` works under MultiWorkerMirroredStrategy; ``"keras3"`` keeps Keras 3, for
+    custom training loops under ``strategy.run`` (Keras 3's ``fit`` fails under that strategy).
+    """
+
+    keras: str = "tf_keras"
+
+    name: ClassVar[str] = "tensorflow"
+    backend_cls: ClassVar[type[Backend]] = _TensorflowBackend
+
+    def __post_init__(self) -> None:
+        from ..exceptions import ConfigurationError
+
+        if self.keras not in KERAS_CHOICES:
+            raise ConfigurationError(
+                f"TensorflowConfig(keras={self.keras!r}): use 'tf_keras' (model.fit under "
+                "MultiWorkerMirroredStrategy) or 'keras3' (custom loops with strategy.run)")
+
+
+CONFIG = TensorflowConfig

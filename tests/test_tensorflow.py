@@ -1,0 +1,176 @@
+"""The tensorflow backend: TF_CONFIG + MultiWorkerMirroredStrategy on 2 workers, with tf-keras
+``model.fit`` and with a Keras 3 custom loop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import prefect_distrain as pd
+from conftest import assert_no_train_actors
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def digits_fit_loop(config):
+    """model.fit on digits with ReportCheckpointCallback; optionally SIGKILLs rank 1 once."""
+    import signal
+
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    digits = load_digits()
+    x, y = (digits.data / 16.0).astype("float32"), digits.target.astype("int64")
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+        32 * pd.get_context().get_world_size()).with_options(options)
+    checkpoint = pd.get_checkpoint()
+    with strategy.scope():
+        if checkpoint:
+            model = pd.tensorflow.load_model(checkpoint)
+        else:
+            tf.keras.utils.set_random_seed(0)
+            model = tf.keras.Sequential([tf.keras.Input(shape=(64,)),
+                                         tf.keras.layers.Dense(32, activation="relu"),
+                                         tf.keras.layers.Dense(10)])
+            model.compile(optimizer=tf.keras.optimizers.SGD(0.05, momentum=0.9),
+                          loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          metrics=["accuracy"])
+
+    class KillOnce(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, batch, logs=None):
+            ctx = pd.get_context()
+            if [ctx.get_attempt(), ctx.get_world_rank(), self.epoch, batch] == config.get("kill"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    start = pd.tensorflow.next_epoch(checkpoint)
+    model.fit(data, epochs=config["epochs"], initial_epoch=start, verbose=0,
+              callbacks=[pd.tensorflow.ReportCheckpointCallback(), KillOnce()])
+    return {"weights": model.get_weights(), "started_at": start,
+            "keras": tf.keras.Sequential.__module__, "tf_config": os.environ["TF_CONFIG"]}
+
+
+class Recorder(pd.TrainingCallback):
+    def __init__(self):
+        self.results = []
+
+    def handle_result(self, results, **info):
+        self.results.append(results)
+
+
+def test_model_fit_on_two_workers_keeps_weights_identical(tmp_path):
+    recorder = Recorder()
+    with pd.Trainer(backend="tensorflow", num_workers=2,
+                    run=pd.RunConfig(name="tf-fit", storage=str(tmp_path))) as trainer:
+        result = trainer.fit(digits_fit_loop, config={"epochs": 4}, callbacks=[recorder])
+    first, second = result.worker_results
+    assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))
+    assert first["keras"].startswith("tf_keras."), "tf.keras is tf-keras by default"
+    assert '"index": 1' in second["tf_config"] and first["tf_config"].count(":") >= 2
+    assert [[r["epoch"] for r in results] for results in recorder.results] == \
+        [[e, e] for e in range(4)]
+    accuracy = [m["accuracy"] for m in result.metrics_history]
+    assert accuracy[-1] > accuracy[0], f"accuracy did not rise: {accuracy}"
+    assert result.checkpoint.index == 4
+    assert sorted(result.checkpoint.manifest["files"]) == ["model.keras", "state.json"]
+    assert result.checkpoint.manifest["ranks"] == [0], "only the chief's copy is committed"
+    assert_no_train_actors()
+
+
+def test_a_worker_killed_once_resumes_from_the_latest_checkpoint(tmp_path):
+    run = pd.RunConfig(name="tf-killed", storage=str(tmp_path))
+    with pd.Trainer(backend=pd.TensorflowConfig(), num_workers=2, run=run,
+                    failure=pd.FailureConfig(max_failures=1)) as trainer:
+        result = trainer.fit(digits_fit_loop, config={"epochs": 4, "kill": [0, 1, 2, 3]})
+    assert result.failures == 1 and result.attempt == 1
+    first, second = result.worker_results
+    assert first["started_at"] in (1, 2), "resumed from a committed checkpoint, not from 0"
+    assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))
+    assert [m["epoch"] for m in result.metrics_history] == [0, 1, 2, 3]
+    attempts = trainer.storage.read_attempts()
+    assert [a["status"] for a in attempts] == ["failed", "completed"]
+    assert attempts[1]["resumed_from"].endswith(f"checkpoint_{first['started_at']:06d}-a0")
+    assert_no_train_actors()
+
+
+def keras3_custom_loop(config):
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    world = pd.get_context().get_world_size()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype("float32")
+    y = (x.sum(1, keepdims=True) > 0).astype("float32")
+    global_batch = 16 * world
+    data = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch))
+    with strategy.scope():
+        tf.keras.utils.set_random_seed(0)
+        model = tf.keras.Sequential([tf.keras.Input(shape=(8,)),
+                                     tf.keras.layers.Dense(16, activation="tanh"),
+                                     tf.keras.layers.Dense(1)])
+        optimizer = tf.keras.optimizers.SGD(0.1)
+        loss_fn = tf.keras.losses.BinaryCrossentropy(
+            from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+
+    @tf.function
+    def step(inputs):
+        def replica_step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = tf.nn.compute_average_loss(loss_fn(yb, model(xb, training=True)),
+                                                  global_batch_size=global_batch)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+        losses = strategy.run(replica_step, args=inputs)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+    for epoch in range(config["epochs"]):
+        total = sum(float(step(batch)) for batch in data)
+        pd.report({"epoch": epoch, "loss": total})
+    return {"weights": [w.numpy() for w in model.weights], "keras": tf.keras.Sequential.__module__}
+
+
+def test_keras3_custom_loop_under_strategy_run(tmp_path):
+    with pd.Trainer(backend=pd.TensorflowConfig(keras="keras3"), num_workers=2,
+                    run=pd.RunConfig(name="keras3", storage=str(tmp_path))) as trainer:
+        result = trainer.fit(keras3_custom_loop, config={"epochs": 3})
+    first, second = result.worker_results
+    assert first["keras"].startswith("keras."), "keras3 keeps Keras 3"
+    assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))
+    losses = [m["loss"] for m in result.metrics_history]
+    assert losses[-1] < losses[0]
+    assert_no_train_actors()
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(pd.ConfigurationError, match="keras='jax'.*'tf_keras'"):
+        pd.TensorflowConfig(keras="jax")
+    with pytest.raises(pd.ResourcesUnavailableError, match="use_gpu=True but the Ray cluster"):
+        pd.Trainer(backend="tensorflow", num_workers=2, use_gpu=True).start()
+    script = textwrap.dedent("""
+        import sys
+        import prefect_distrain as pd
+        assert pd.TensorflowConfig().name == "tensorflow"
+        assert "tensorflow" not in sys.modules, "importing prefect_distrain imported TensorFlow"
+        sys.modules["tensorflow"] = None  # as if it were not installed
+        try:
+            pd.tensorflow
+        except ImportError as error:
+            print("ERROR:", error)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("ERROR: the tensorflow backend needs TensorFlow: "
+            "pip install 'prefect-distrain[tensorflow]'") in done.stdout
