@@ -44,6 +44,7 @@ from .trainer import Trainer
 
 if TYPE_CHECKING:
     from . import tensorflow, torch
+    from .backends.horovod import HorovodConfig
     from .backends.tensorflow import TensorflowConfig
     from .backends.torch import TorchConfig
     from .tasks import retry_on_infrastructure, train
@@ -55,6 +56,7 @@ _LAZY = {
     "retry_on_infrastructure": ("prefect_distrain.tasks", "retry_on_infrastructure"),
     "TorchConfig": ("prefect_distrain.backends.torch", "TorchConfig"),
     "TensorflowConfig": ("prefect_distrain.backends.tensorflow", "TensorflowConfig"),
+    "HorovodConfig": ("prefect_distrain.backends.horovod", "HorovodConfig"),
     "torch": ("prefect_distrain.torch", None),
     "tensorflow": ("prefect_distrain.tensorflow", None),
 }
@@ -62,6 +64,7 @@ _LAZY = {
 __all__ = [
     "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
     "CheckpointUploadError", "ConfigurationError", "DistrainError", "FailureConfig",
+    "HorovodConfig",
     "UnsafeCheckpointError", "retry_on_infrastructure",
     "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError", "RunConfig",
     "ScalingConfig", "TensorflowConfig", "TorchConfig", "TrainContext", "TrainResult", "Trainer",

@@ -144,8 +144,10 @@ class Trainer:
                     return group
                 except ResourcesUnavailableError:
                     group.shutdown()  # not placed in time: the cluster changed; look again
+                    self._backend.on_discard(self.backend_config)
                 except BaseException:
                     group.shutdown()
+                    self._backend.on_discard(self.backend_config)
                     raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -166,6 +168,7 @@ class Trainer:
         group, self._group = self._group, None
         if group is not None:
             group.shutdown()
+        self._backend.on_discard(self.backend_config)
 
     def shutdown(self) -> None:
         """Tear down the backend, kill the workers and leave Ray as it was found."""
@@ -177,6 +180,7 @@ class Trainer:
                 except Exception as error:  # noqa: BLE001 - the actors die below anyway
                     self.logger.warning("Backend shutdown failed (%s); killing the workers", error)
                 group.shutdown()
+            self._backend.on_discard(self.backend_config)
         finally:
             self._release_ray()
 

@@ -16,5 +16,6 @@ pip=(.venv/bin/python -m pip install --quiet --progress-bar off -c constraints.t
 "${pip[@]}" -e ".[torch,s3,examples,test]"
 "${pip[@]}" tensorflow-cpu
 "${pip[@]}" --no-deps tf-keras
+PYTHON=.venv/bin/python bash scripts/install_horovod.sh
 .venv/bin/python -c "import prefect_distrain, torch, ray, prefect; print('installed: prefect-distrain', prefect_distrain.__version__, '| torch', torch.__version__, '| ray', ray.__version__, '| prefect', prefect.__version__)"
 TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -c "import tensorflow as tf, tf_keras; print('installed: tensorflow', tf.__version__, '| tf-keras', tf_keras.__version__)"

@@ -37,6 +37,10 @@ class Backend:
         """Before the actors are killed after a clean run; not called after a failure, when a
         collective may hang."""
 
+    def on_discard(self, config: BackendConfig) -> None:
+        """After the actors were killed without ``on_shutdown`` (a failure, a resize): free
+        what the backend holds on the driver."""
+
 
 @dataclass(frozen=True)
 class BackendConfig:

@@ -1,0 +1,36 @@
+"""The example flows run as users run them (on the Prefect test server and this Ray), and the
+accuracy they print actually rises."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
+
+FLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flows")
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(FLOWS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name,flow_name", [
+    ("quickstart", "quickstart"),
+    ("tensorflow_quickstart", "tensorflow_quickstart"),
+    pytest.param("horovod_quickstart", "horovod_quickstart", marks=pytest.mark.skipif(
+        importlib.util.find_spec("horovod") is None, reason="scripts/install_horovod.sh")),
+])
+def test_quickstart_flows_train_to_a_good_accuracy(name, flow_name, tmp_path, monkeypatch,
+                                                   capsys):
+    monkeypatch.setenv("QUICKSTART_STORAGE", str(tmp_path))
+    accuracy = getattr(load(name), flow_name)(epochs=6)
+    assert accuracy > 0.9
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "epoch 0:" in text and "Final test accuracy" in text
