@@ -148,9 +148,10 @@ class _Commits:
     """Commits a checkpoint once every rank that reported files for it has uploaded them, then
     applies retention. Manifests are the only truth: what is not committed does not exist."""
 
-    def __init__(self, spec: RunSpec, world_size: int, logger: logging.Logger):
+    def __init__(self, spec: RunSpec, group: WorkerGroup, logger: logging.Logger):
         self.spec = spec
-        self.world_size = world_size
+        self.group = group
+        self.world_size = len(group)
         self.logger = logger
         self.committed: list[dict] = list(spec.committed)
         self.waiting: dict[int, dict[str, Any]] = {}
@@ -191,6 +192,8 @@ class _Commits:
         manifest = storage.commit(index, self.spec.attempt, files, metrics=entry["metrics"],
                                   world_size=self.world_size, backend=self.spec.backend_name)
         self.committed.append(manifest)
+        if config.upload == "sync":
+            self.group.acknowledge_commit(index, sorted(entry["files"]))
         checkpoint = storage.checkpoint(manifest["directory"], manifest)
         self.logger.info("Committed checkpoint %d: %s", index, redact_url(checkpoint.path))
         if not self.swept:
@@ -296,7 +299,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
         }
         for m in group.members
     ]
-    commits = _Commits(spec, len(group), logger)
+    commits = _Commits(spec, group, logger)
     iterations = _Iterations(len(group), spec, commits, logger)
     for callback in spec.callbacks:
         _call(callback, "start_training", logger, redact_url(spec.storage.run_url), spec.config,

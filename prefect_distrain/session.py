@@ -1,12 +1,15 @@
 """What the training function calls on a worker: ``report``, ``get_checkpoint``, ``get_context``.
 
-``report`` is **not a barrier**. It hands the metrics to the worker's outbox and returns; it
-never waits for other ranks or for the driver. With a checkpoint it first takes the files: with
-``upload="sync"`` it copies them into storage, with ``"async"`` it copies them aside locally and
-uploads them in the background. Either way the directory may be deleted or changed as soon as
-``report`` returns. The driver pairs the reports of all ranks by their iteration number (so
-every rank must call ``report`` the same number of times) and commits a checkpoint once every
-rank that reported files for it has uploaded them.
+``report(metrics)`` is **not a barrier**: it hands the metrics to the worker's outbox and
+returns, never waiting for other ranks or for the driver. The driver pairs the reports of all
+ranks by their iteration number, so every rank must call ``report`` the same number of times.
+
+With a checkpoint, ``report`` first takes the files. With ``upload="sync"`` (the default) it
+copies them into storage and then waits until the driver has **committed** the checkpoint, which
+needs every rank's report of the same iteration: so a checkpoint report waits for the slowest
+rank, and once it returns the checkpoint survives any crash. With ``"async"`` it copies the
+files aside locally and returns; the upload and the commit follow in the background. Either way
+the directory may be deleted or changed as soon as ``report`` returns.
 
 This module never imports Prefect: workers stay light and start fast.
 """
@@ -87,6 +90,8 @@ class _Session:
     last_report_time: float = field(default_factory=time.time)
     _uploader: threading.Thread | None = None
     _upload_error: BaseException | None = None
+    _committed: int = 0
+    _commits: threading.Condition = field(default_factory=threading.Condition)
 
     def report(self, metrics: Mapping[str, Any], checkpoint: Checkpoint | None) -> None:
         if not isinstance(metrics, Mapping):
@@ -119,6 +124,8 @@ class _Session:
             files = self.storage.upload(checkpoint.path, index, attempt, rank)
             self.outbox.put(("report", {"metrics": result,
                                         "checkpoint": {"index": index, "files": files}}))
+            with self._commits:
+                self._commits.wait_for(lambda: self._committed >= index)
             return
         self.wait_for_upload()  # at most one upload in flight per rank
         self._raise_failed_upload()
@@ -139,6 +146,12 @@ class _Session:
             self._upload_error = error
         finally:
             shutil.rmtree(staged, ignore_errors=True)
+
+    def acknowledge_commit(self, index: int) -> None:
+        """The driver committed checkpoint ``index``: a sync ``report`` waiting on it returns."""
+        with self._commits:
+            self._committed = max(self._committed, index)
+            self._commits.notify_all()
 
     def wait_for_upload(self) -> None:
         if self._uploader is not None:
@@ -178,8 +191,9 @@ def _session(caller: str) -> _Session:
 def report(metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None) -> None:
     """Send metrics (and optionally a checkpoint) from this worker to the driver.
 
-    Not a barrier: returns as soon as the checkpoint's files are in storage (or at once without
-    one). Every rank must call it the same number of times.
+    Without a checkpoint: returns at once. With one: returns once it is committed (sync upload,
+    waiting for every rank's report of this iteration) or staged locally (async upload).
+    Every rank must call it the same number of times.
     """
     _session("report").report(metrics, checkpoint)
 

@@ -60,11 +60,16 @@ class TrainWorker:
     def execute(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
+    def acknowledge_commit(self, index: int) -> None:
+        """Runs beside ``run`` (the actor has two threads): wakes a waiting sync report."""
+        self.session.acknowledge_commit(index)
+
     def run(self, fn_blob: bytes, pass_config: bool, config: Any,
             session_args: dict[str, Any]) -> Iterator:
         """Run the training function in a thread and yield its outbox: reports and finished
         uploads, then one ``("done", value)`` or ``("error", description)``."""
         session = _Session(**session_args)
+        self.session = session
         _set_session(session)
         rank = session.context.get_world_rank()
 
@@ -277,6 +282,11 @@ class WorkerGroup:
     def execute_single(self, rank: int, fn: Callable, *args: Any,
                        timeout: float | None = None) -> Any:
         return ray.get(self.members[rank].actor.execute.remote(fn, *args), timeout=timeout)
+
+    def acknowledge_commit(self, index: int, ranks: list[int]) -> None:
+        """Tell the ranks that reported files for checkpoint ``index`` that it is committed."""
+        for rank in ranks:
+            self.members[rank].actor.acknowledge_commit.remote(index)
 
     def run(self, fn_blob: Any, pass_config: bool, config: Any,
             session_args: list[dict[str, Any]]) -> list:

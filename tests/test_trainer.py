@@ -132,6 +132,30 @@ def test_report_is_not_a_barrier(storage):
     assert [m["step"] for m in result.metrics_history] == [0, 1, 2]
 
 
+def committed_on_return_loop(config):
+    """Rank 1 reports late; rank 0's checkpoint report returns only once it is committed."""
+    rank = pd.get_context().get_world_rank()
+    if rank == 1:
+        time.sleep(2)
+        reported = time.time()
+        pd.report({"step": 0})
+        return {"reported": reported}
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "weights.bin"), "wb") as handle:
+            handle.write(b"w" * 100)
+        pd.report({"step": 0}, checkpoint=pd.Checkpoint.from_directory(folder))
+    manifest = os.path.join(pd.get_context().get_storage(), "_manifests",
+                            "checkpoint_000001-a0.json")
+    return {"returned": time.time(), "manifest_there": os.path.exists(manifest)}
+
+
+def test_a_sync_checkpoint_report_returns_once_committed(storage):
+    with pd.Trainer(num_workers=2, run=storage) as trainer:
+        rank0, rank1 = trainer.run(committed_on_return_loop)
+    assert rank0["manifest_there"], "report(checkpoint=...) returned before the commit"
+    assert rank0["returned"] >= rank1["reported"], "the commit needs every rank's report"
+
+
 def test_trainer_reuses_started_workers_between_runs(storage):
     def pid_loop():
         return os.getpid()
