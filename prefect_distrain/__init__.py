@@ -40,6 +40,7 @@ from .exceptions import (
 )
 from .result import TrainResult
 from .session import TrainContext, get_checkpoint, get_context, report
+from .storage import best_checkpoint, latest_checkpoint
 from .trainer import Trainer
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ __all__ = [
     "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError", "RunConfig",
     "ScalingConfig", "TensorflowConfig", "TorchConfig", "TrainContext", "TrainResult", "Trainer",
     "TrainingCallback", "WorkerError", "WorkerLostError", "available_backends",
-    "get_checkpoint", "get_context", "report", "tensorflow", "torch", "train",
+    "best_checkpoint", "get_checkpoint", "get_context", "latest_checkpoint", "report", "tensorflow", "torch", "train",
 ]
 
 

@@ -1,4 +1,5 @@
-"""Everything Prefect shows about a run's checkpoints: a link per commit and a table at the end.
+"""Everything Prefect shows about a run: a link and an event per committed checkpoint, a live
+progress artifact, tables of checkpoints and attempts, and a summary with a chart at the end.
 
 Runs on the driver inside the task run (only the driver talks to Prefect). URLs are shown
 without credentials or query strings; keys follow Prefect's rules (lowercase letters, digits,
@@ -7,12 +8,20 @@ dashes).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.events import emit_event
 
-from .callbacks import TrainingCallback
+from .callbacks import TrainingCallback, progress_value
 from .checkpoint import Checkpoint
 from .result import TrainResult
 from .storage import RunStorage, redact_url
@@ -38,12 +47,16 @@ class PrefectArtifacts(TrainingCallback):
     fatal_errors = False
 
     def __init__(self) -> None:
-        self.key = "run"
+        self.key = self.run_name = "run"
 
     def start_training(self, logdir: str, config: Any, **info: Any) -> None:
-        self.key = artifact_key(info.get("run_name") or logdir.rsplit("/", 1)[-1])
+        self.run_name = info.get("run_name") or logdir.rsplit("/", 1)[-1]
+        self.key = artifact_key(self.run_name)
 
     def on_checkpoint_commit(self, checkpoint: Checkpoint, **info: Any) -> None:
+        emit_run_event("checkpoint.committed", self.run_name, {
+            "index": checkpoint.index, "attempt": info.get("attempt", 0),
+            "metrics": _shown_metrics(checkpoint.metrics)}, checkpoint)
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in _shown_metrics(checkpoint.metrics).items())
         create_link_artifact(
@@ -77,3 +90,131 @@ def publish_attempt_ledger(storage: RunStorage) -> None:
              "cause": a.get("cause") or "-", "started": a["started_at"]} for a in attempts]
     create_table_artifact(table=rows, key=f"{artifact_key(storage.name)}-attempts",
                           description=f"Attempts of run {storage.name!r}")
+
+
+class PrefectProgress(TrainingCallback):
+    """A progress artifact that follows rank 0's ``key`` against ``total`` while training."""
+
+    def __init__(self, total: int, key: str = "_training_iteration"):
+        self.total, self.key = total, key
+        self.artifact_id = None
+        self.shown = -1.0
+
+    def start_training(self, logdir: str, config: Any, **info: Any) -> None:
+        if self.artifact_id is None:  # one artifact across restarts
+            self.artifact_id = create_progress_artifact(
+                progress=0.0, key=f"{artifact_key(info.get('run_name') or 'run')}-progress",
+                description=f"Training progress against a total of {self.total}")
+
+    def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
+        value = progress_value(results, self.key)
+        if value is None or self.artifact_id is None:
+            return
+        percent = round(min(100.0, 100.0 * value / self.total), 1)
+        if percent != self.shown:
+            self.shown = percent
+            update_progress_artifact(self.artifact_id, progress=percent)
+
+
+def emit_run_event(name: str, run_name: str, payload: dict[str, Any],
+                   checkpoint: Checkpoint | None = None) -> None:
+    """``prefect-distrain.<name>`` about the run (and a checkpoint), for automations."""
+    run_resource = {"prefect.resource.id": f"prefect-distrain.run.{run_name}",
+                    "prefect.resource.name": run_name}
+    if checkpoint is None:
+        resource, related = run_resource, []
+    else:
+        resource = {"prefect.resource.id":
+                    f"prefect-distrain.checkpoint.{run_name}.{checkpoint.index}",
+                    "prefect.resource.name": f"{run_name} checkpoint {checkpoint.index}",
+                    "prefect-distrain.path": checkpoint_link(checkpoint.path)}
+        related = [{**run_resource, "prefect.resource.role": "run"}]
+    emit_event(event=f"prefect-distrain.{name}", resource=resource, related=related,
+               payload=json.loads(json.dumps(payload, default=str)))
+
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(_BARS[int((v - low) / span * (len(_BARS) - 1))] for v in values)
+
+
+def numeric_series(history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    names = [k for k in (history[-1] if history else {}) if not k.startswith("_")]
+    return {name: [float(h[name]) for h in history if isinstance(h.get(name), (int, float))]
+            for name in names if isinstance(history[-1][name], (int, float))}
+
+
+def metrics_svg(series: dict[str, list[float]], width: int = 640, height: int = 80) -> str:
+    """One small line chart per metric, stacked: an image a person reads at a glance."""
+    rows = []
+    for row, (name, values) in enumerate(series.items()):
+        top = row * (height + 30)
+        low, high = min(values), max(values)
+        span = (high - low) or 1.0
+        step = (width - 20) / max(1, len(values) - 1)
+        points = " ".join(f"{10 + i * step:.1f},{top + 25 + (height - 10) * (1 - (v - low) / span):.1f}"
+                          for i, v in enumerate(values))
+        rows.append(
+            f'<text x="10" y="{top + 15}" font-family="sans-serif" font-size="13">{name}: '
+            f'{values[0]:.4g} &#8594; {values[-1]:.4g} (min {low:.4g}, max {high:.4g})</text>'
+            f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{points}"/>')
+    total = max(1, len(series)) * (height + 30)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total}" '
+            f'viewBox="0 0 {width} {total}"><rect width="100%" height="100%" fill="white"/>'
+            + "".join(rows) + "</svg>")
+
+
+def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict[str, Any]],
+                        wall_time_s: float, result: TrainResult | None = None,
+                        error: BaseException | None = None,
+                        tails: dict[int, Any] | None = None) -> str:
+    """The markdown summary of a finished run, successful or not; returns the markdown."""
+    attempts = storage.read_attempts()
+    status = "completed" if error is None else "failed"
+    world = result.world_size if result else (attempts[-1]["world_size"] if attempts else "?")
+    lines = [f"# Training run `{storage.name}`: {status}", "",
+             "| backend | world size | attempts | wall time |", "|---|---|---|---|",
+             f"| {backend} | {world} | {len(attempts)} | {wall_time_s:.1f} s |", ""]
+    series = numeric_series(history)
+    if history:
+        lines += ["## Metrics", "", "| metric | final | best (min / max) | over the run |",
+                  "|---|---|---|---|"]
+        for name, values in series.items():
+            lines.append(f"| {name} | {values[-1]:.4g} | {min(values):.4g} / {max(values):.4g} "
+                         f"| {sparkline(values)} |")
+        fs, root = storage.filesystem()
+        chart = f"{root.rstrip('/')}/metrics.svg"
+        try:
+            fs.pipe_file(chart, metrics_svg(series).encode())
+            link = checkpoint_link(f"{storage.run_url}/metrics.svg")
+            lines += ["", f"Chart of every metric: [{link}]({link})", ""]
+        except Exception as failure:  # noqa: BLE001 - the summary goes on without the image
+            lines += ["", f"(the chart could not be written: {type(failure).__name__})", ""]
+    checkpoints = result.best_checkpoints if result else [
+        (storage.checkpoint(m["directory"], m), m["metrics"]) for m in storage.read_manifests()]
+    if checkpoints:
+        lines += ["## Committed checkpoints" + (", best first" if result else ""), "",
+                  "| checkpoint | metrics |", "|---|---|"]
+        for checkpoint, metrics in checkpoints:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in _shown_metrics(metrics).items())
+            link = checkpoint_link(checkpoint.path)
+            lines.append(f"| [{checkpoint.index}]({link}) | {shown} |")
+        lines.append("")
+    if error is not None:
+        lines += ["## Failure", "", f"`{type(error).__name__}: {error}`"[:2000], ""]
+        cause = error.__cause__
+        if cause is not None:
+            lines += ["```", str(cause).strip()[-6000:], "```", ""]
+        for rank, tail in sorted((tails or {}).items()):
+            lines += [f"### Last log lines of rank {rank}", "", "```", *list(tail), "```", ""]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown=markdown, key=f"{artifact_key(storage.name)}-summary",
+                             description=f"Summary of training run {storage.name!r}")
+    return markdown

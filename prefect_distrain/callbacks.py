@@ -36,3 +36,37 @@ class PrintingCallback(TrainingCallback):
 
     def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
         print(json.dumps(results, default=str))
+
+
+def progress_value(results: list[dict[str, Any]], key: str) -> float | None:
+    """Rank 0's count of done units (e.g. its report number) in an iteration's results."""
+    value = results[0].get(key) if results else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+class RichProgress(TrainingCallback):
+    """A terminal progress bar of rank 0's ``key`` against ``total``."""
+
+    def __init__(self, total: int, key: str = "_training_iteration"):
+        self.total, self.key = total, key
+        self.progress = None
+        self.task = None
+
+    def start_training(self, logdir: str, config: Any, **info: Any) -> None:
+        from rich.progress import Progress
+
+        if self.progress is None:
+            self.progress = Progress()
+            self.progress.start()
+            self.task = self.progress.add_task(f"training {info.get('run_name', '')}",
+                                               total=self.total)
+
+    def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
+        value = progress_value(results, self.key)
+        if self.progress is not None and value is not None:
+            self.progress.update(self.task, completed=min(value, self.total))
+
+    def finish_training(self, error: bool = False, **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -7,6 +7,7 @@ models: a pydantic model is iterable, and Prefect's ``.map()`` would iterate ove
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,14 +17,11 @@ from .exceptions import ConfigurationError
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
-#: Where runs are stored when RunConfig(storage=...) is not given. Like Ray's ~/ray_results.
-DEFAULT_STORAGE_ENV = "PREFECT_DISTRAIN_STORAGE"
-
-
 def default_storage() -> str:
-    return os.environ.get(DEFAULT_STORAGE_ENV) or os.path.join(
-        os.path.expanduser("~"), "prefect_distrain_results"
-    )
+    """PREFECT_DISTRAIN_STORAGE, else ~/prefect_distrain_results (like Ray's ~/ray_results)."""
+    from .settings import settings
+
+    return settings().storage or os.path.join(os.path.expanduser("~"), "prefect_distrain_results")
 
 
 @dataclass(frozen=True)
@@ -97,17 +95,31 @@ class RunConfig:
     path, any fsspec URL, or a storage block (anything with ``fsspec_storage()``, such as
     ``prefect_distrain.blocks.CheckpointStorage``, which keeps credentials as secrets);
     ``storage_options`` go to fsspec unchanged and are never shown.
+
+    ``total``: what ``progress_key`` of rank 0's reports counts up to (default: the number of
+    reports), for the Prefect progress artifact and the terminal progress bar.
+    ``other_ranks_log_level``: rank 0's log lines and prints reach the run log from INFO up,
+    other ranks' from this level up (all ranks' last lines are kept for a failure's summary).
     """
 
     name: str | None = None
     storage: Any = field(default_factory=default_storage)
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    total: int | None = None
+    progress_key: str = "_training_iteration"
+    other_ranks_log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
         if self.name is not None and not (isinstance(self.name, str) and _RUN_NAME.match(self.name)):
             raise ConfigurationError(
                 f"run name {self.name!r} is not usable as a folder name: use letters, digits, "
                 "'.', '_' and '-' (at most 128, starting with a letter or digit)")
+        if self.total is not None and (not isinstance(self.total, int) or self.total < 1):
+            raise ConfigurationError(f"total must be a positive number of steps (got {self.total!r})")
+        if not isinstance(logging.getLevelName(self.other_ranks_log_level), int):
+            raise ConfigurationError(
+                f"other_ranks_log_level {self.other_ranks_log_level!r} is not a logging level: "
+                "use DEBUG, INFO, WARNING, ERROR or CRITICAL")
         if hasattr(self.storage, "fsspec_storage"):
             return
         if not isinstance(self.storage, str) or not self.storage.strip():

@@ -22,7 +22,7 @@ import cloudpickle
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from . import constants
+from . import settings
 from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
 from .config import CheckpointConfig
@@ -33,6 +33,7 @@ from .exceptions import (
     WorkerError,
     WorkerLostError,
 )
+from .logs import WorkerLogs
 from .session import TrainContext
 from .storage import RunStorage, redact_url, select_retained
 from .worker_group import WorkerGroup
@@ -63,6 +64,7 @@ class RunSpec:
     #: The backend's own test for errors of its runtime (e.g. a collective timeout).
     is_backend_failure: Callable[[BaseException], bool] = lambda error: False
     fatal_exceptions: tuple[type[BaseException], ...] = ()
+    logs: WorkerLogs | None = None
 
     @property
     def first_index(self) -> int:
@@ -309,7 +311,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     generators = group.run(fn_ref, takes_config(spec.train_func), config, session_args)
     world_size = len(group)
     try:
-        returns, errors = _collect(generators, iterations, commits)
+        returns, errors = _collect(generators, iterations, commits, spec.logs)
         if errors:
             raise _worker_failure(errors, world_size, spec)
         iterations.flush()
@@ -325,8 +327,8 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     return RunOutcome(returns, commits.committed)
 
 
-def _collect(generators: list, iterations: _Iterations, commits: _Commits
-             ) -> tuple[list[Any], dict[int, Any]]:
+def _collect(generators: list, iterations: _Iterations, commits: _Commits,
+             logs: WorkerLogs | None) -> tuple[list[Any], dict[int, Any]]:
     """Read every rank's outbox until each returns or fails; after the first failure, wait
     only a short window for the other ranks' outcomes."""
     pending = {gen: rank for rank, gen in enumerate(generators)}
@@ -352,6 +354,9 @@ def _collect(generators: list, iterations: _Iterations, commits: _Commits
                 kind, payload = "error", error.as_instanceof_cause()
             if kind == "report":
                 iterations.add(rank, payload)
+            elif kind == "log":
+                if logs is not None:
+                    logs.add(rank, payload)
             elif kind == "persisted":
                 commits.uploaded(payload["index"], rank, payload["files"])
             else:
@@ -361,7 +366,7 @@ def _collect(generators: list, iterations: _Iterations, commits: _Commits
                 else:
                     errors[rank] = payload
                     if gather_deadline is None:
-                        gather_deadline = time.monotonic() + constants.error_gather_timeout()
+                        gather_deadline = time.monotonic() + settings.error_gather_timeout()
     return returns, errors
 
 

@@ -335,3 +335,34 @@ def select_retained(manifests: list[dict], num_to_keep: int | None, score_attrib
     keep.add(max(manifests, key=lambda m: m["index"])["directory"])
     keep |= set(protected)
     return [m for m in manifests if m["directory"] in keep]
+
+
+def latest_checkpoint(run: Any) -> Checkpoint | None:
+    """The latest committed checkpoint of another run (a RunConfig with a name), e.g. to
+    warm-start a new run from it: ``resume_from_checkpoint=pd.latest_checkpoint(prod)``."""
+    manifests = _run_storage(run).read_manifests()
+    return _checkpoint_of(run, manifests[-1]) if manifests else None
+
+
+def best_checkpoint(run: Any, metric: str, mode: str = "min") -> Checkpoint | None:
+    """The committed checkpoint of another run with the best ``metric`` (``mode`` "min" or
+    "max"); checkpoints that did not report the metric are skipped."""
+    if mode not in ("min", "max"):
+        raise ConfigurationError(f"mode {mode!r}: use 'min' or 'max'")
+    scored = [m for m in _run_storage(run).read_manifests()
+              if isinstance(m["metrics"].get(metric), (int, float))]
+    if not scored:
+        return None
+    pick = min if mode == "min" else max
+    return _checkpoint_of(run, pick(scored, key=lambda m: (m["metrics"][metric], -m["index"])))
+
+
+def _run_storage(run: Any) -> RunStorage:
+    if getattr(run, "name", None) is None:
+        raise ConfigurationError("give the run to read from a name: RunConfig(name='prod', ...)")
+    url, options = run.resolved_storage()
+    return RunStorage(url, run.name, options)
+
+
+def _checkpoint_of(run: Any, manifest: dict) -> Checkpoint:
+    return _run_storage(run).checkpoint(manifest["directory"], manifest)

@@ -33,7 +33,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from .artifacts import PrefectArtifacts, publish_attempt_ledger, publish_checkpoint_table
+from .artifacts import (
+    PrefectArtifacts,
+    PrefectProgress,
+    emit_run_event,
+    publish_attempt_ledger,
+    publish_checkpoint_table,
+    publish_run_summary,
+)
 from .backends import BackendConfig
 from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
@@ -101,6 +108,29 @@ def _is_prefect_retry() -> bool:
     return (task_run.run_count or 1) > 1 or (flow_run.run_count or 1) > 1
 
 
+def _publish(trainer: Trainer, result: TrainResult | None, error: BaseException | None,
+             wall_time_s: float, logger: Any) -> None:
+    """The ledger, the summary and the run's closing event; never masks the run's own error."""
+    storage = trainer.storage
+    try:
+        publish_attempt_ledger(storage)
+        publish_run_summary(storage=storage, backend=trainer.backend_config.name,
+                            history=trainer.history, wall_time_s=wall_time_s, result=result,
+                            error=error, tails=dict(trainer.worker_logs.tails))
+        final = {k: v for k, v in (trainer.history[-1] if trainer.history else {}).items()
+                 if not k.startswith("_")}
+        if error is None:
+            emit_run_event("run.completed", storage.name, {
+                "metrics": final, "world_size": result.world_size, "attempt": result.attempt,
+                "checkpoint": result.checkpoint.index if result.checkpoint else None})
+        else:
+            emit_run_event("run.failed", storage.name, {
+                "metrics": final, "error": f"{type(error).__name__}: {error}"[:1000],
+                "retryable": is_infrastructure_failure(error)})
+    except Exception:  # noqa: BLE001 - reporting must not replace the outcome
+        logger.exception("Could not publish the run's summary to Prefect")
+
+
 # No cache: a training run has effects (checkpoints, metrics) and its inputs (a function,
 # callbacks) do not hash into a meaningful key.
 @task(name="train", cache_policy=NO_CACHE, task_run_name=_task_run_name,
@@ -118,13 +148,22 @@ def train(
     callbacks: list[TrainingCallback] | None = None,
     ray_address: str | None = None,
     ray_init_kwargs: dict[str, Any] | None = None,
+    ray_cluster: Any = None,
 ) -> TrainResult:
     """Run ``train_loop(config)`` on a Ray worker group with the chosen backend.
 
     Uses the Ray this process is connected to, else ``ray_address`` / ``RAY_ADDRESS``, else a
     local Ray that it starts and stops. Returns the metrics, the checkpoints and every rank's
     return value; raises the training function's own exception (with its rank) if one fails.
-    Every committed checkpoint appears as a link artifact, and the kept ones as a table.
+    ``ray_cluster``: a ``prefect_distrain.blocks.RayCluster`` block (address, runtime_env, init
+    options) instead of ``ray_address`` / ``ray_init_kwargs``.
+
+    In Prefect: worker log lines and prints in the run log with their rank; a progress
+    artifact (with ``RunConfig(total=...)``); a link artifact and a
+    ``prefect-distrain.checkpoint.committed`` event per committed checkpoint; tables of the kept
+    checkpoints and of the attempts; and a summary with a chart of the metrics (with the
+    failing rank's traceback and every rank's last log lines after a failure), followed by a
+    ``prefect-distrain.run.completed`` or ``.failed`` event.
     """
     began = time.monotonic()
     logger = get_run_logger()
@@ -135,17 +174,25 @@ def train(
     if resume_from_checkpoint is None and _is_prefect_retry():
         logger.info("This is a Prefect retry: resuming run %r from its latest checkpoint", run.name)
         resume_from_checkpoint = "latest"
+    if ray_cluster is not None:
+        ray_address, ray_init_kwargs = ray_cluster.ray_init_arguments()
     trainer = Trainer(backend, scaling=scaling or ScalingConfig(), run=run, checkpoint=checkpoint,
                       failure=failure, ray_address=ray_address, ray_init_kwargs=ray_init_kwargs,
                       logger=logger)
+    shown = [PrefectArtifacts()]
+    if run.total:
+        shown.append(PrefectProgress(run.total, run.progress_key))
+    result, error = None, None
     try:
         with trainer:
-            result = trainer.fit(train_loop, config=config,
-                                 callbacks=[*(callbacks or []), PrefectArtifacts()],
+            result = trainer.fit(train_loop, config=config, callbacks=[*(callbacks or []), *shown],
                                  resume_from_checkpoint=resume_from_checkpoint)
+    except BaseException as failure:
+        error = failure
+        raise
     finally:
         if trainer.storage is not None:
-            publish_attempt_ledger(trainer.storage)
+            _publish(trainer, result, error, time.monotonic() - began, logger)
     publish_checkpoint_table(result)
     logger.info("Training finished in %.1f s on %d worker(s); final metrics: %s",
                 time.monotonic() - began, result.world_size,

@@ -14,16 +14,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import sys
 import time
 from typing import Any, Callable
 
+from . import settings
 from .backends import BackendConfig, resolve_backend
-from .callbacks import TrainingCallback
+from .callbacks import RichProgress, TrainingCallback
 from .checkpoint import Checkpoint
-from . import constants
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from .controller import RunSpec, ScaleUp, is_infrastructure_failure, run_training
 from .exceptions import ConfigurationError, ResourcesUnavailableError
+from .logs import WorkerLogs
 from .result import TrainResult
 from .storage import RunStorage, find_manifest, redact_url
 from .worker_group import (
@@ -58,6 +60,7 @@ class Trainer:
         ray_address: str | None = None,
         ray_init_kwargs: dict[str, Any] | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
+        progress_bar: bool | None = None,
     ):
         self.backend_config = resolve_backend(backend)
         if scaling is not None:
@@ -88,10 +91,16 @@ class Trainer:
                 f"failure must be a FailureConfig, got {type(failure).__name__}")
         self.failure_config = failure or FailureConfig()
         self.storage: RunStorage | None = None
+        self.history: list[dict[str, Any]] = []
         self._cluster_checked = False
         self.ray_address = ray_address
         self.ray_init_kwargs = ray_init_kwargs
         self.logger = logger or _logger
+        self.worker_logs = WorkerLogs(
+            self.logger, logging.getLevelName(self.run_config.other_ranks_log_level))
+        #: A rich progress bar in the terminal; None: when RunConfig(total=...) is given and
+        #: stdout is a terminal.
+        self.progress_bar = progress_bar
         self._group: WorkerGroup | None = None
         self._backend = self.backend_config.make_backend()
         self._ray: contextlib.ExitStack | None = None
@@ -127,7 +136,7 @@ class Trainer:
         settle = time.monotonic() + (_RELEASE_WAIT_S if expect_full else 0.0)
         while capacity_now(self.scaling) < wanted and time.monotonic() < settle:
             time.sleep(0.2)
-        timeout = constants.placement_group_timeout()
+        timeout = settings.placement_group_timeout()
         deadline = time.monotonic() + timeout
         delay = 1.0
         while True:
@@ -155,13 +164,13 @@ class Trainer:
                     f"waited {timeout:g} s for the cluster to hold {least} worker(s) of "
                     f"{self.scaling.worker_resources}; it holds {max(size, 0)} now (other work "
                     f"holds its resources, or nodes are gone). Set "
-                    f"{constants.PLACEMENT_GROUP_TIMEOUT_ENV} to wait longer",
+                    f"{settings.PLACEMENT_GROUP_TIMEOUT_ENV} to wait longer",
                     requested=self.scaling.worker_resources, retryable=True)
             self.logger.warning(
                 "Waiting for resources: the cluster can hold %d of the %d worker(s) needed; "
                 "looking again in %.0f s", max(size, 0), least, min(delay, remaining))
             time.sleep(min(delay, remaining))
-            delay = min(delay * 2, constants.backoff_max())
+            delay = min(delay * 2, settings.backoff_max())
 
     def _discard_group(self) -> None:
         """After a failure: the actors are killed, not shut down gracefully."""
@@ -221,6 +230,10 @@ class Trainer:
             if not isinstance(callback, TrainingCallback):
                 raise ConfigurationError(
                     f"callbacks must be TrainingCallback instances, got {type(callback).__name__}")
+        total = self.run_config.total
+        show_bar = self.progress_bar if self.progress_bar is not None else sys.stdout.isatty()
+        if total and show_bar:
+            callbacks.append(RichProgress(total, self.run_config.progress_key))
         url, options = self.run_config.resolved_storage()
         storage = RunStorage(url, self.run_config.name or _default_run_name(train_func), options)
         self.storage = storage
@@ -232,6 +245,7 @@ class Trainer:
         finally:
             storage.remove_marker(marker)
         history: list[dict[str, Any]] = []
+        self.history = history  # rank 0's reports, for a summary even after a failure
         failures, attempt, restart_cause, scaled_up = 0, -1, None, False
         while True:
             committed, next_attempt = storage.layout()
@@ -260,7 +274,7 @@ class Trainer:
                 and resume.path.startswith(storage.run_url + "/") else set(),
                 can_scale_up=self._scale_up_check(len(group)),
                 is_backend_failure=self._backend.is_runtime_failure,
-                fatal_exceptions=self.failure_config.fatal_exceptions)
+                fatal_exceptions=self.failure_config.fatal_exceptions, logs=self.worker_logs)
             self._backend.on_training_start(group, self.backend_config)
             try:
                 outcome = run_training(group, spec, self.logger)

@@ -23,9 +23,10 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from . import constants
+from . import settings
 from .config import ScalingConfig
 from .exceptions import ConfigurationError, ResourcesUnavailableError
+from .logs import capture
 from .session import WorkerInfo, _Session, _set_session
 from .storage import RunStorage
 
@@ -66,8 +67,8 @@ class TrainWorker:
 
     def run(self, fn_blob: bytes, pass_config: bool, config: Any,
             session_args: dict[str, Any]) -> Iterator:
-        """Run the training function in a thread and yield its outbox: reports and finished
-        uploads, then one ``("done", value)`` or ``("error", description)``."""
+        """Run the training function in a thread and yield its outbox: reports, log lines and
+        finished uploads, then one ``("done", value)`` or ``("error", description)``."""
         session = _Session(**session_args)
         self.session = session
         _set_session(session)
@@ -76,7 +77,8 @@ class TrainWorker:
         def target() -> None:
             try:
                 fn = cloudpickle.loads(fn_blob)
-                value = fn(config) if pass_config else fn()
+                with capture(session.outbox):
+                    value = fn(config) if pass_config else fn()
                 session.finish()
                 session.outbox.put(("done", value))
             except BaseException as error:  # noqa: BLE001 - every outcome must reach the driver
@@ -136,7 +138,8 @@ def ray_connection(address: str | None = None, init_kwargs: dict | None = None) 
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS") or None
             logger.info("Starting a local Ray" if address is None else f"Connecting to Ray at {address}")
-            ray.init(address=address, **(init_kwargs or {}))
+            # "local": a new Ray, not one that `ray start` left on this machine.
+            ray.init(address=address or "local", **(init_kwargs or {}))
             _ray_started_here = True
         _ray_users += 1
     try:
@@ -195,14 +198,14 @@ def check_cluster_can_hold(scaling: ScalingConfig) -> None:
         holdable = sum(1 for f in fits if f >= 1)
     else:
         holdable = sum(fits)
-    if holdable < n and not constants.autoscaling_allowed():
+    if holdable < n and not settings.autoscaling_allowed():
         at_least = "at least " if scaling.min_workers else ""
         raise ResourcesUnavailableError(
             f"ScalingConfig asks for {at_least}{n} workers of {_describe(bundle)} each "
             f"({strategy}), but this Ray cluster can hold at most {holdable} "
             f"(cluster: {_describe(totals)} on {len(nodes)} node(s)). Lower num_workers or "
             "resources_per_worker, or connect to a larger cluster (ray_address=...). On a "
-            f"cluster with an autoscaler set {constants.ALLOW_AUTOSCALING_ENV}=1 to wait instead",
+            f"cluster with an autoscaler set {settings.ALLOW_AUTOSCALING_ENV}=1 to wait instead",
             requested={k: v * n for k, v in bundle.items()}, available=totals)
 
 
@@ -266,7 +269,7 @@ class WorkerGroup:
         ]
         try:
             metadata = ray.get([a.metadata.remote() for a in actors],
-                               timeout=constants.backend_setup_timeout())
+                               timeout=settings.backend_setup_timeout())
         except BaseException:
             for actor in actors:
                 ray.kill(actor, no_restart=True)

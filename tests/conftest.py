@@ -37,7 +37,7 @@ def ray_cluster():
 
     flaky_fs.arm(None)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the setup hook
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": _install_flaky_protocol})
     yield
     ray.shutdown()

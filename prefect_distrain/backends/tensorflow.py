@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from .. import constants
+from .. import settings
 from .base import Backend, BackendConfig
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class _TensorflowBackend(Backend):
         return {"TF_USE_LEGACY_KERAS": "1"} if config.keras == "tf_keras" else {}
 
     def on_start(self, worker_group: WorkerGroup, config: TensorflowConfig) -> None:
-        timeout = constants.backend_setup_timeout()
+        timeout = settings.backend_setup_timeout()
         workers = worker_group.execute(_address_and_free_port, timeout=timeout)
         worker_group.execute(_set_tf_config, workers, timeout=timeout)
 
@@ -73,7 +73,7 @@ class _TensorflowBackend(Backend):
         return kind.__module__.startswith("tensorflow.") and kind.__name__ in _RUNTIME_ERRORS
 
     def on_shutdown(self, worker_group: WorkerGroup, config: TensorflowConfig) -> None:
-        worker_group.execute(_clear_tf_config, timeout=constants.shutdown_timeout())
+        worker_group.execute(_clear_tf_config, timeout=settings.shutdown_timeout())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,73 @@
+"""Timeouts, intervals and defaults: ``PREFECT_DISTRAIN_*`` settings (environment variables).
+
+Read when used (not at import), so a test or a deployment can change them with an environment
+variable and no code. A bad value fails with pydantic's message naming the variable.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFIX = "PREFECT_DISTRAIN_"
+
+
+class DistrainSettings(BaseSettings):
+    """Every knob, with why its default has its value."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
+
+    storage: str | None = Field(
+        default=None, description="Storage when RunConfig(storage=...) is not given; unset: "
+                                  "~/prefect_distrain_results, like Ray's ~/ray_results.")
+    placement_group_timeout_s: float = Field(
+        default=120.0, gt=0, description="How long to wait, with backoff, for the cluster to "
+        "hold the group when it could but is busy or short of nodes now (start and restarts).")
+    backoff_max_s: float = Field(
+        default=16.0, gt=0, description="The longest pause between two looks at the cluster; "
+                                        "the pauses start at 1 s and double.")
+    backend_setup_timeout_s: float = Field(
+        default=120.0, gt=0, description="Workers starting and the backend's set-up (e.g. "
+                                         "joining the torch process group) on all of them.")
+    shutdown_timeout_s: float = Field(
+        default=10.0, gt=0, description="A graceful backend shutdown before the workers are "
+                                        "killed anyway.")
+    error_gather_timeout_s: float = Field(
+        default=2.0, ge=0, description="After the first worker fails, how long to wait for the "
+        "other ranks' outcomes: long enough to see that every rank hit the same bug, short "
+        "enough not to stall.")
+    allow_autoscaling: bool = Field(
+        default=False, description="Skip the 'can this cluster ever hold the group' check, "
+                                   "for clusters with an autoscaler.")
+
+
+def settings() -> DistrainSettings:
+    return DistrainSettings()
+
+
+PLACEMENT_GROUP_TIMEOUT_ENV = f"{PREFIX}PLACEMENT_GROUP_TIMEOUT_S"
+ALLOW_AUTOSCALING_ENV = f"{PREFIX}ALLOW_AUTOSCALING"
+
+
+def placement_group_timeout() -> float:
+    return settings().placement_group_timeout_s
+
+
+def backoff_max() -> float:
+    return settings().backoff_max_s
+
+
+def backend_setup_timeout() -> float:
+    return settings().backend_setup_timeout_s
+
+
+def shutdown_timeout() -> float:
+    return settings().shutdown_timeout_s
+
+
+def error_gather_timeout() -> float:
+    return settings().error_gather_timeout_s
+
+
+def autoscaling_allowed() -> bool:
+    return settings().allow_autoscaling

@@ -1,0 +1,179 @@
+"""What a training run shows in Prefect, read back from the Prefect API: worker logs with their
+ranks, the progress artifact, the summary, the events; blocks; settings; warm starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+
+import pytest
+from prefect import flow
+from prefect.blocks.core import Block
+from prefect.testing.standard_test_suites import BlockStandardTestSuite
+
+import prefect_distrain as pd
+from prefect_distrain.blocks import CheckpointStorage, RayCluster
+
+pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
+
+
+def talkative_loop(config):
+    rank = pd.get_context().get_world_rank()
+    log = logging.getLogger("my_training")
+    for epoch in range(config["epochs"]):
+        print(f"printed by rank {rank} at epoch {epoch}")
+        log.info("info from rank %d", rank)
+        if rank == 1:
+            log.warning("warning from rank 1 at epoch %d", epoch)
+        with tempfile.TemporaryDirectory() as folder:
+            open(os.path.join(folder, "w.txt"), "w").write(str(epoch))
+            pd.report({"epoch": epoch, "loss": 1.0 / (epoch + 1)},
+                      checkpoint=pd.Checkpoint.from_directory(folder) if rank == 0 else None)
+        if config.get("fail") and epoch == 1 and rank == 1:
+            raise RuntimeError("disk full while writing shard 7")
+        if config.get("fail") and epoch == 1:
+            time.sleep(30)
+
+
+def read_back(flow_run_id, run_name: str, wait_for_events: set[str]):
+    """Logs, artifacts and events of one flow run (events: of its training run), from the
+    Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventResourceFilter
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    deadline = time.monotonic() + 30
+    ours = EventFilter(resource=EventResourceFilter(id_prefix=[
+        f"prefect-distrain.run.{run_name}", f"prefect-distrain.checkpoint.{run_name}."]))
+    with get_client(sync_client=True) as client:
+        while True:
+            events = client.read_events(ours, limit=50).events
+            if wait_for_events <= {e.event for e in events} or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        logs = [log.message for log in client.read_logs() if log.flow_run_id == flow_run_id]
+        artifacts = [a for a in client.read_artifacts() if a.flow_run_id == flow_run_id]
+    return logs, artifacts, events
+
+
+def test_logs_progress_summary_and_events_reach_prefect(tmp_path):
+    @flow
+    def talkative():
+        return pd.train(talkative_loop, config={"epochs": 3},
+                        scaling=pd.ScalingConfig(num_workers=2),
+                        run=pd.RunConfig(name="talkative", storage=str(tmp_path), total=3))
+
+    state = talkative(return_state=True)
+    result = state.result()
+    logs, artifacts, events = read_back(state.state_details.flow_run_id, "talkative",
+                                        {"prefect-distrain.checkpoint.committed",
+                                         "prefect-distrain.run.completed"})
+    assert "[rank 0] printed by rank 0 at epoch 2" in logs
+    assert "[rank 0] my_training: info from rank 0" in logs
+    assert "[rank 1] my_training: warning from rank 1 at epoch 0" in logs
+    assert not any("info from rank 1" in line for line in logs), "rank 1 below WARNING stays out"
+
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert len(progress) == 1 and float(progress[0].data) == 100.0
+
+    summary = [a for a in artifacts if a.key == "talkative-summary"][0].data
+    assert "# Training run `talkative`: completed" in summary
+    assert "| torch | 2 | 1 |" in summary
+    assert f"file://{tmp_path}/talkative/checkpoint_000003-a0" in summary
+    assert "| loss | 0.3333 |" in summary and "█" in summary
+    svg = (tmp_path / "talkative" / "metrics.svg").read_text()
+    assert svg.startswith("<svg") and "loss: 1 &#8594; 0.3333" in svg
+
+    committed = [e for e in events if e.event == "prefect-distrain.checkpoint.committed"
+                 and e.resource.id.startswith("prefect-distrain.checkpoint.talkative.")]
+    assert sorted(e.payload["index"] for e in committed) == [1, 2, 3]
+    assert committed[0].related[0].id == "prefect-distrain.run.talkative"
+    completed = [e for e in events if e.event == "prefect-distrain.run.completed"
+                 and e.resource.id == "prefect-distrain.run.talkative"]
+    assert completed and completed[0].payload["checkpoint"] == result.checkpoint.index == 3
+
+
+def test_a_failed_runs_summary_names_the_rank_and_shows_its_traceback(tmp_path):
+    @flow
+    def failing():
+        return pd.train(talkative_loop, config={"epochs": 3, "fail": True},
+                        scaling=pd.ScalingConfig(num_workers=2),
+                        run=pd.RunConfig(name="crashing", storage=str(tmp_path)))
+
+    state = failing(return_state=True)
+    assert state.is_failed()
+    logs, artifacts, events = read_back(state.state_details.flow_run_id, "crashing",
+                                        {"prefect-distrain.run.failed"})
+    summary = [a for a in artifacts if a.key == "crashing-summary"][0].data
+    assert "# Training run `crashing`: failed" in summary
+    assert "RuntimeError: disk full while writing shard 7" in summary
+    assert "Traceback on rank 1 of 2" in summary and "in talkative_loop" in summary
+    assert "### Last log lines of rank 0" in summary and "### Last log lines of rank 1" in summary
+    assert "INFO my_training: info from rank 1" in summary, "every rank's tail is kept"
+    failed = [e for e in events if e.event == "prefect-distrain.run.failed"
+              and e.resource.id == "prefect-distrain.run.crashing"]
+    assert failed and "disk full" in failed[0].payload["error"]
+
+
+@pytest.mark.parametrize("block", [CheckpointStorage, RayCluster])
+class TestBlockStandards(BlockStandardTestSuite):
+    @pytest.fixture
+    def block(self, block: type[Block]) -> type[Block]:
+        return block
+
+
+def test_blocks_are_registered_through_the_entry_point():
+    from importlib.metadata import entry_points
+
+    names = [e.value for e in entry_points(group="prefect.collections")]
+    assert "prefect_distrain.blocks" in names
+
+
+def test_train_accepts_a_ray_cluster_block(tmp_path):
+    import ray
+
+    RayCluster(address=ray.get_runtime_context().gcs_address).save("local-ray", overwrite=True)
+
+    @flow
+    def on_block():
+        return pd.train(talkative_loop, config={"epochs": 1}, scaling=pd.ScalingConfig(),
+                        run=pd.RunConfig(name="on-block", storage=str(tmp_path)),
+                        ray_cluster=RayCluster.load("local-ray"))
+
+    assert on_block().metrics["epoch"] == 0
+    assert ray.is_initialized()
+
+
+def test_settings_are_prefect_distrain_environment_variables(monkeypatch):
+    from prefect_distrain.settings import settings
+
+    monkeypatch.setenv("PREFECT_DISTRAIN_BACKOFF_MAX_S", "4")
+    assert settings().backoff_max_s == 4.0
+    monkeypatch.setenv("PREFECT_DISTRAIN_BACKOFF_MAX_S", "soon")
+    with pytest.raises(ValueError, match="backoff_max_s"):
+        settings()
+
+
+def test_warm_start_from_the_best_checkpoint_of_another_run(tmp_path):
+    prod = pd.RunConfig(name="prod", storage=str(tmp_path))
+    with pd.Trainer(num_workers=2, run=prod) as trainer:
+        trainer.fit(talkative_loop, config={"epochs": 3})
+    best = pd.best_checkpoint(prod, "loss", mode="min")
+    latest = pd.latest_checkpoint(prod)
+    assert best.index == latest.index == 3 and best.metrics["loss"] == pytest.approx(1 / 3)
+    assert pd.best_checkpoint(prod, "loss", mode="max").index == 1
+
+    def fine_tune():
+        with pd.get_checkpoint().as_directory() as folder:
+            return open(os.path.join(folder, "w.txt")).read()
+
+    retrain = pd.RunConfig(name="prod-retrain", storage=str(tmp_path))
+    with pd.Trainer(num_workers=1, run=retrain) as trainer:
+        started_from = trainer.run(fine_tune, resume_from_checkpoint=best)
+    assert started_from == ["2"], "started from the best checkpoint of the earlier run"
+    with pytest.raises(pd.ConfigurationError, match="give the run to read from a name"):
+        pd.latest_checkpoint(pd.RunConfig(storage=str(tmp_path)))
