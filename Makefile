@@ -4,7 +4,7 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install quickstart test
+.PHONY: install quickstart test bench
 
 install: $(INSTALLED)
 
@@ -17,3 +17,6 @@ quickstart: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest
+
+bench: $(INSTALLED)
+	$(VENV)/bin/python benchmarks/run.py

@@ -343,30 +343,31 @@ def _collect(generators: list, iterations: _Iterations, commits: _Commits,
         for gen in ready:
             rank = pending[gen]
             try:
-                kind, payload = ray.get(next(gen))
+                batch = ray.get(next(gen))
             except StopIteration:
                 del pending[gen]
                 continue
             except RayActorError as error:
-                kind, payload = "error", WorkerLostError(
-                    f"rank {rank}'s worker died (actor or node lost): {error}", rank=rank)
+                batch = [("error", WorkerLostError(
+                    f"rank {rank}'s worker died (actor or node lost): {error}", rank=rank))]
             except RayTaskError as error:
-                kind, payload = "error", error.as_instanceof_cause()
-            if kind == "report":
-                iterations.add(rank, payload)
-            elif kind == "log":
-                if logs is not None:
-                    logs.add(rank, payload)
-            elif kind == "persisted":
-                commits.uploaded(payload["index"], rank, payload["files"])
-            else:
-                del pending[gen]
-                if kind == "done":
-                    returns[rank] = payload
+                batch = [("error", error.as_instanceof_cause())]
+            for kind, payload in batch:
+                if kind == "report":
+                    iterations.add(rank, payload)
+                elif kind == "log":
+                    if logs is not None:
+                        logs.add(rank, payload)
+                elif kind == "persisted":
+                    commits.uploaded(payload["index"], rank, payload["files"])
                 else:
-                    errors[rank] = payload
-                    if gather_deadline is None:
-                        gather_deadline = time.monotonic() + settings.error_gather_timeout()
+                    del pending[gen]
+                    if kind == "done":
+                        returns[rank] = payload
+                    else:
+                        errors[rank] = payload
+                        if gather_deadline is None:
+                            gather_deadline = time.monotonic() + settings.error_gather_timeout()
     return returns, errors
 
 

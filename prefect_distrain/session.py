@@ -7,15 +7,17 @@ ranks by their iteration number, so every rank must call ``report`` the same num
 With a checkpoint, ``report`` first takes the files. With ``upload="sync"`` (the default) it
 copies them into storage and then waits until the driver has **committed** the checkpoint, which
 needs every rank's report of the same iteration: so a checkpoint report waits for the slowest
-rank, and once it returns the checkpoint survives any crash. With ``"async"`` it copies the
-files aside locally and returns; the upload and the commit follow in the background. Either way
-the directory may be deleted or changed as soon as ``report`` returns.
+rank, and once it returns the checkpoint survives any crash. With ``"async"`` it moves the
+files out of the directory into a staging folder beside it (a rename, instant however large;
+a copy where a rename can't) and returns; the upload and the commit follow in the background.
+Either way the directory may be deleted or changed as soon as ``report`` returns.
 
 This module never imports Prefect: workers stay light and start fast.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import tempfile
@@ -129,8 +131,7 @@ class _Session:
             return
         self.wait_for_upload()  # at most one upload in flight per rank
         self._raise_failed_upload()
-        staged = tempfile.mkdtemp(prefix=f"checkpoint-{index}-")
-        shutil.copytree(checkpoint.path, staged, dirs_exist_ok=True)
+        staged = _take_files(checkpoint.path, index)
         self.outbox.put(("report", {"metrics": result,
                                     "checkpoint": {"index": index, "files": None}}))
         self._uploader = threading.Thread(
@@ -167,6 +168,27 @@ class _Session:
         """After the training function returns: its last upload must land or fail loudly."""
         self.wait_for_upload()
         self._raise_failed_upload()
+
+
+def _take_files(folder: str, index: int) -> str:
+    """Move the reported files to a staging folder beside them (a rename: instant, however
+    large), or copy those a rename can't move (another filesystem, no write access). Either
+    way, what the training function writes there next can't change the checkpoint."""
+    source = os.path.abspath(folder)
+    try:
+        staged = tempfile.mkdtemp(prefix=f".checkpoint-{index}-", dir=os.path.dirname(source))
+    except OSError:
+        staged = tempfile.mkdtemp(prefix=f"checkpoint-{index}-")
+    for name in os.listdir(source):
+        src, dst = os.path.join(source, name), os.path.join(staged, name)
+        try:
+            os.rename(src, dst)
+        except OSError:
+            if os.path.isdir(src):
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+    return staged
 
 
 _current: _Session | None = None

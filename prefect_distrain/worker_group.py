@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import socket
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,12 +89,36 @@ class TrainWorker:
         threading.Thread(target=target, name=f"train-loop-rank-{rank}", daemon=True).start()
         try:
             while True:
-                kind, payload = session.outbox.get()
-                yield kind, payload
-                if kind in ("done", "error"):
+                batch = _next_batch(session.outbox)
+                yield batch
+                if batch[-1][0] in ("done", "error"):
                     return
         finally:
             _set_session(None)
+
+
+#: How long a worker gathers plain reports and log lines into one message to the driver. Each
+#: message is a Ray object; one per report would cost more CPU than a small training step.
+_BATCH_WINDOW_S = 0.05
+
+
+def _next_batch(outbox: queue.Queue) -> list[tuple[str, Any]]:
+    """The next items of the outbox, in order. Waits the batch window for more, unless an item
+    is urgent: the end of the function, or a checkpoint report that a worker is blocked on."""
+    batch = [outbox.get()]
+    if not any(_urgent(item) for item in batch):
+        time.sleep(_BATCH_WINDOW_S)
+    while True:
+        try:
+            batch.append(outbox.get_nowait())
+        except queue.Empty:
+            return batch
+
+
+def _urgent(item: tuple[str, Any]) -> bool:
+    kind, payload = item
+    return kind in ("done", "error", "persisted") or (
+        kind == "report" and payload["checkpoint"] is not None)
 
 
 def storage_is_visible(storage: RunStorage, marker: str) -> str | None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs prefect-distrain with its torch, s3, examples and test extras, and
-# TensorFlow (CPU) with tf-keras.
+# Creates .venv and installs prefect-distrain with its torch, s3, examples, test and benchmarks
+# extras, TensorFlow (CPU) with tf-keras, and Horovod (scripts/install_horovod.sh).
 # torch goes first and the constraints file rides along on every pip call: any other request
 # for torch would pull a CUDA build with several GB of NVIDIA packages on this CPU machine.
 # TensorFlow comes as tensorflow-cpu; tf-keras declares a dependency on `tensorflow` (the other
@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install --quiet --progress-bar off -c constraints.txt)
 "${pip[@]}" --upgrade pip
 "${pip[@]}" torch
-"${pip[@]}" -e ".[torch,s3,examples,test]"
+"${pip[@]}" -e ".[torch,s3,examples,test,benchmarks]"
 "${pip[@]}" tensorflow-cpu
 "${pip[@]}" --no-deps tf-keras
 PYTHON=.venv/bin/python bash scripts/install_horovod.sh

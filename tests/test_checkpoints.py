@@ -338,6 +338,10 @@ def test_bad_storage_input_names_the_fix(tmp_path, s3_storage, monkeypatch):
 
 @pytest.mark.usefixtures("ray_cluster", "prefect_server")
 def test_credentials_from_a_storage_block(s3_storage):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogWorker
+
     from prefect_distrain.blocks import CheckpointStorage
 
     options = dict(s3_storage["storage_options"])
@@ -346,8 +350,19 @@ def test_credentials_from_a_storage_block(s3_storage):
                       secret_options=secrets).save("test-models", overwrite=True)
     block = CheckpointStorage.load("test-models")
     assert S3_SECRET not in repr(block) and S3_SECRET not in block.model_dump_json()
-    with pd.Trainer(num_workers=1, run=pd.RunConfig(name="from-block", storage=block)) as trainer:
-        result = trainer.fit(scored_loop, config={"losses": [1.0]})
+
+    @flow
+    def from_block():
+        return pd.train(scored_loop, config={"losses": [1.0]},
+                        run=pd.RunConfig(name="from-block", storage=block))
+
+    state = from_block(return_state=True)
+    result = state.result()
     assert result.checkpoint.path == "s3://models/block-runs/from-block/checkpoint_000001-a0"
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        shown = json.dumps([a.model_dump(mode="json") for a in client.read_artifacts()]) + "".join(
+            log.message for log in client.read_logs())
+    assert "from-block-summary" in shown and S3_SECRET not in shown
     assert listing({"storage": "s3://models/block-runs", "storage_options": s3_storage[
         "storage_options"]}, "from-block")[1] == ["checkpoint_000001-a0.json"]

@@ -1,0 +1,329 @@
+"""prefect-distrain side by side with plain DDP (torchrun), Ray Train and raw s3fs, in one run.
+
+    python benchmarks/run.py                 # the full suite (about 10 minutes on 2 cores)
+    python benchmarks/run.py --quick         # every scenario once, small (the tests run this)
+
+Prints a table and writes JSON (``--out``). Absolute times on a shared 2-core machine are
+noisy; the ratios, measured in the same run on the same Ray, are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ray  # noqa: E402
+
+import prefect_distrain as pd  # noqa: E402
+from loops import (  # noqa: E402
+    bench_loop,
+    checkpoint_stall_loop,
+    recovery_loop,
+    scaling_loop,
+    step_overhead_loop,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": len(values)}
+
+
+class Bench:
+    def __init__(self, quick: bool, repeat: int, workdir: str):
+        self.quick, self.repeat, self.workdir = quick, repeat, workdir
+        self.figures: dict[str, dict] = {}
+        self.epochs, self.steps = (2, 5) if quick else (3, 20)
+
+    def run_config(self, name: str, **kwargs) -> pd.RunConfig:
+        return pd.RunConfig(name=f"{name}-{time.time_ns()}", storage=os.path.join(
+            self.workdir, "runs"), **kwargs)
+
+    # -- P1 / P1b ---------------------------------------------------------------------------
+
+    def end_to_end(self) -> None:
+        config = {"api": "pd", "epochs": self.epochs, "steps": self.steps}
+        ours, first_steps = [], []
+        for _ in range(self.repeat):
+            began = time.time()
+            with pd.Trainer(num_workers=2, run=self.run_config("p1")) as trainer:
+                result = trainer.fit(bench_loop, config=config)
+            ours.append(time.time() - began)
+            first_steps.append(result.worker_results[0]["first_step"] - began)
+        self.figures["P1 ours (s)"] = spread(ours)
+        self.figures["P1b time to first step (s)"] = {**spread(first_steps), "goal": "<= 3 s",
+                                                      "met": statistics.median(first_steps) <= 3}
+        self.end_to_end_ray_train(config, ours)
+        self.end_to_end_torchrun(ours)
+
+    def end_to_end_ray_train(self, config: dict, ours: list[float]) -> None:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        theirs = []
+        for i in range(self.repeat):
+            began = time.time()
+            TorchTrainer(bench_loop, train_loop_config={**config, "api": "ray"},
+                         scaling_config=ScalingConfig(num_workers=2),
+                         run_config=RunConfig(name=f"raytrain-{i}-{time.time_ns()}",
+                                              storage_path=os.path.join(self.workdir, "ray"))
+                         ).fit()
+            theirs.append(time.time() - began)
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        self.figures["P1 Ray Train TorchTrainer.fit (s)"] = spread(theirs)
+        self.figures["P1 ours / Ray Train"] = {"ratio": ratio, "goal": "<= 0.3",
+                                               "met": ratio <= 0.3}
+
+    def end_to_end_torchrun(self, ours: list[float]) -> None:
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        times = []
+        for i in range(self.repeat):
+            began = time.time()
+            subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2",
+                            os.path.join(HERE, "torchrun_job.py"), str(self.epochs),
+                            str(self.steps), os.path.join(self.workdir, f"torchrun-{i}")],
+                           check=True, capture_output=True, timeout=300)
+            times.append(time.time() - began)
+        self.figures["P1 torchrun --standalone (s)"] = spread(times)
+        self.figures["P1 ours / torchrun"] = {
+            "ratio": statistics.median(ours) / statistics.median(times),
+            "note": "torchrun starts processes but no cluster, storage or orchestration"}
+
+    # -- P2 ----------------------------------------------------------------------------------
+
+    def step_overhead(self) -> None:
+        config = {"warmup": 20, "steps": 50 if self.quick else 200,
+                  "rounds": 1 if self.quick else 5}
+        ratios = []
+        for _ in range(self.repeat):
+            with pd.Trainer(num_workers=2, run=self.run_config("p2")) as trainer:
+                result = trainer.fit(step_overhead_loop, config=config)
+            medians = result.worker_results[0]
+            ratios.append(medians["report"] / medians["plain"])
+        self.figures["P2 step with report / without"] = {
+            **spread(ratios), "goal": "<= 1.02", "met": statistics.median(ratios) <= 1.02}
+
+    # -- P3 / P4 -----------------------------------------------------------------------------
+
+    def checkpoints(self, endpoint: str) -> None:
+        mb = 20 if self.quick else 200
+        gap = 0.5 if self.quick else 6.0
+        s3 = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint}}
+        targets = {"local": (os.path.join(self.workdir, "runs"), {}),
+                   "s3": ("s3://bench/runs", s3)}
+        for target, (storage, options) in targets.items():
+            stalls = {}
+            for upload in ("sync", "async"):
+                blocked = []
+                for _ in range(self.repeat):
+                    run = pd.RunConfig(name=f"p3-{target}-{upload}-{time.time_ns()}",
+                                       storage=storage, storage_options=options)
+                    with pd.Trainer(num_workers=2, run=run,
+                                    checkpoint=pd.CheckpointConfig(upload=upload)) as trainer:
+                        result = trainer.fit(checkpoint_stall_loop, config={
+                            "mb": mb, "checkpoints": 2, "gap_s": gap})
+                    blocked += result.worker_results[0]["blocked"]
+                stalls[upload] = blocked
+                self.figures[f"P3 stall per checkpoint, {target}, {upload} (s)"] = spread(blocked)
+            ratio = statistics.median(stalls["async"]) / statistics.median(stalls["sync"])
+            self.figures[f"P3 stall async / sync, {target}"] = {
+                "ratio": ratio, "goal": "<= 0.10", "met": ratio <= 0.10, "mb": mb}
+            if target == "s3":
+                self.upload_throughput(mb, stalls["sync"], s3)
+
+    def upload_throughput(self, mb: int, sync_stalls: list[float], options: dict) -> None:
+        import s3fs
+        import torch
+
+        path = os.path.join(self.workdir, "raw.pt")
+        torch.save({"weights": torch.randn(mb * 1024 * 1024 // 4)}, path)
+        size = os.path.getsize(path)
+        fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+        raw = []
+        for i in range(self.repeat * 2):
+            began = time.time()
+            fs.put_file(path, f"bench/raw/{i}.pt")
+            raw.append(time.time() - began)
+        ours_rate = size / statistics.median(sync_stalls)
+        raw_rate = size / statistics.median(raw)
+        ratio = ours_rate / raw_rate
+        figure = {"ratio": ratio, "ours MB/s": ours_rate / 1e6, "raw s3fs MB/s": raw_rate / 1e6,
+                  "goal": ">= 0.95", "met": ratio >= 0.95}
+        if ratio < 0.95:
+            figure["profile"] = profile_upload(path, options)
+        self.figures["P4 persistence / raw s3fs.put_file"] = figure
+
+    # -- P5 ----------------------------------------------------------------------------------
+
+    def recovery(self) -> None:
+        times = []
+        for i in range(self.repeat):
+            kill_file = os.path.join(self.workdir, f"kill-{i}")
+            with pd.Trainer(num_workers=2, run=self.run_config("p5"),
+                            failure=pd.FailureConfig(max_failures=1)) as trainer:
+                result = trainer.fit(recovery_loop, config={
+                    "epochs": 3, "steps": self.steps, "kill_file": kill_file})
+            with open(kill_file) as handle:
+                killed = float(handle.read())
+            times.append(result.worker_results[0]["first_step"] - killed)
+        first = self.figures["P1b time to first step (s)"]["median"]
+        ratio = statistics.median(times) / first
+        self.figures["P5 kill -> first step after restart (s)"] = spread(times)
+        self.figures["P5 recovery / P1b"] = {"ratio": ratio, "goal": "<= 1.5", "met": ratio <= 1.5}
+
+    # -- P6 ----------------------------------------------------------------------------------
+
+    def prefect_overhead(self) -> None:
+        from prefect import flow
+        from prefect.testing.utilities import prefect_test_harness
+
+        config = {"api": "pd", "epochs": self.epochs, "steps": self.steps}
+
+        @flow
+        def timed():
+            began = time.time()
+            pd.train(bench_loop, config=config, scaling=pd.ScalingConfig(num_workers=2),
+                     run=self.run_config("p6-flow"))
+            return time.time() - began
+
+        with prefect_test_harness(server_startup_timeout=120):
+            timed()  # the first task run of a process pays Prefect's imports and client setup
+            in_flow, bare = [], []
+            for _ in range(self.repeat):
+                in_flow.append(timed())
+                began = time.time()
+                with pd.Trainer(num_workers=2, run=self.run_config("p6-bare")) as trainer:
+                    trainer.fit(bench_loop, config=config)
+                bare.append(time.time() - began)
+        overhead = statistics.median(in_flow) - statistics.median(bare)
+        self.figures["P6 pd.train in a flow - bare Trainer (s)"] = {
+            "overhead": overhead, "in flow": spread(in_flow), "bare": spread(bare),
+            "goal": "<= 0.3 s", "met": overhead <= 0.3}
+
+    # -- scaling -----------------------------------------------------------------------------
+
+    def scaling(self) -> None:
+        for hidden in (0, 256 if self.quick else 1024):
+            line = {}
+            for workers in (1, 2, 4):
+                with pd.Trainer(num_workers=workers, run=self.run_config("scale")) as trainer:
+                    steps = trainer.run(scaling_loop, config={
+                        "hidden": hidden, "warmup": 10, "steps": 30 if self.quick else 100})
+                line[f"{workers} workers (ms)"] = 1000 * statistics.median(steps)
+            name = "linear 32->1" if hidden == 0 else f"MLP 32-{hidden}-{hidden}-1"
+            self.figures[f"Scaling: step time, {name}"] = line
+
+
+def profile_upload(path: str, options: dict) -> list[str]:
+    """Where an upload's time goes: cProfile of one sync persistence of the same file."""
+    from prefect_distrain.storage import RunStorage
+
+    folder = tempfile.mkdtemp()
+    shutil.copy(path, os.path.join(folder, "state.pt"))
+    storage = RunStorage("s3://bench/profile", f"p-{time.time_ns()}", options)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    storage.upload(folder, index=1, attempt=0, rank=0)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(12)
+    shutil.rmtree(folder)
+    return [line for line in out.getvalue().splitlines() if line.strip()][-14:]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
+                               "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    import s3fs
+
+    s3fs.S3FileSystem(key="bench", secret="bench", client_kwargs={"endpoint_url": endpoint},
+                      skip_instance_cache=True).mkdir("bench")
+    return server, endpoint
+
+
+def show(figures: dict, machine: dict) -> str:
+    lines = [f"machine: {machine['cpus']} CPUs, {machine['platform']}, python {machine['python']}",
+             "", "| figure | value | goal |", "|---|---|---|"]
+    for name, figure in figures.items():
+        if "median" in figure:
+            value = f"{figure['median']:.3f} (min {figure['min']:.3f}, max {figure['max']:.3f}, n={figure['runs']})"
+        elif "ratio" in figure:
+            value = f"{figure['ratio']:.3f}"
+            extra = {k: v for k, v in figure.items() if k.endswith("MB/s")}
+            value += "".join(f", {k} {v:.1f}" for k, v in extra.items())
+        elif "overhead" in figure:
+            value = f"{figure['overhead']:.3f}"
+        else:
+            value = ", ".join(f"{k}: {v:.2f}" for k, v in figure.items())
+        goal = figure.get("goal", "")
+        if goal:
+            goal += " met" if figure.get("met") else " NOT met"
+        lines.append(f"| {name} | {value} | {goal} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="every scenario once, small")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per figure (default 5)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    args = parser.parse_args()
+    repeat = args.repeat or (1 if args.quick else 5)
+    workdir = tempfile.mkdtemp(prefix="prefect-distrain-bench-")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    moto, endpoint = start_moto()
+    bench = Bench(args.quick, repeat, workdir)
+    try:
+        bench.end_to_end()
+        bench.step_overhead()
+        bench.checkpoints(endpoint)
+        bench.recovery()
+        bench.prefect_overhead()
+        bench.scaling()
+    finally:
+        moto.terminate()
+        moto.wait(timeout=10)
+        ray.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(),
+               "python": platform.python_version(), "ray": ray.__version__,
+               "quick": args.quick, "repeat": repeat}
+    with open(args.out, "w") as handle:
+        json.dump({"machine": machine, "figures": bench.figures}, handle, indent=1, default=str)
+    print(show(bench.figures, machine))
+    for name, figure in bench.figures.items():
+        for line in figure.get("profile", []):
+            print(f"  {name} profile: {line}")
+
+
+if __name__ == "__main__":
+    main()

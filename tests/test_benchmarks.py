@@ -1,0 +1,27 @@
+"""A smoke run of the benchmark runner (every scenario once, small): it keeps working.
+No timing is asserted here; the figures are the runner's business."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_benchmark_runner_produces_every_figure(tmp_path):
+    out = tmp_path / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    for name in ("P1 ours / Ray Train", "P1 ours / torchrun", "P1b time to first step (s)",
+                 "P2 step with report / without", "P3 stall async / sync, s3",
+                 "P3 stall async / sync, local", "P4 persistence / raw s3fs.put_file",
+                 "P5 recovery / P1b", "P6 pd.train in a flow - bare Trainer (s)"):
+        assert name in figures, name
+    assert "| P1 ours / Ray Train |" in done.stdout
