@@ -65,12 +65,11 @@ _LAZY = {
 __all__ = [
     "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
     "CheckpointUploadError", "ConfigurationError", "DistrainError", "FailureConfig",
-    "HorovodConfig",
-    "UnsafeCheckpointError", "retry_on_infrastructure",
-    "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError", "RunConfig",
-    "ScalingConfig", "TensorflowConfig", "TorchConfig", "TrainContext", "TrainResult", "Trainer",
-    "TrainingCallback", "WorkerError", "WorkerLostError", "available_backends",
-    "best_checkpoint", "get_checkpoint", "get_context", "latest_checkpoint", "report", "tensorflow", "torch", "train",
+    "HorovodConfig", "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError",
+    "RunConfig", "ScalingConfig", "TensorflowConfig", "TorchConfig", "TrainContext",
+    "TrainResult", "Trainer", "TrainingCallback", "UnsafeCheckpointError", "WorkerError",
+    "WorkerLostError", "available_backends", "best_checkpoint", "get_checkpoint", "get_context",
+    "latest_checkpoint", "report", "retry_on_infrastructure", "tensorflow", "torch", "train",
 ]
 
 

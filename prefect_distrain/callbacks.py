@@ -47,8 +47,8 @@ def progress_value(results: list[dict[str, Any]], key: str) -> float | None:
 class RichProgress(TrainingCallback):
     """A terminal progress bar of rank 0's ``key`` against ``total``."""
 
-    def __init__(self, total: int, key: str = "_training_iteration"):
-        self.total, self.key = total, key
+    def __init__(self, total: int, key: str = "_training_iteration", console: Any = None):
+        self.total, self.key, self.console = total, key, console
         self.progress = None
         self.task = None
 
@@ -56,7 +56,7 @@ class RichProgress(TrainingCallback):
         from rich.progress import Progress
 
         if self.progress is None:
-            self.progress = Progress()
+            self.progress = Progress(console=self.console)
             self.progress.start()
             self.task = self.progress.add_task(f"training {info.get('run_name', '')}",
                                                total=self.total)

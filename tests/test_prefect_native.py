@@ -177,3 +177,15 @@ def test_warm_start_from_the_best_checkpoint_of_another_run(tmp_path):
     assert started_from == ["2"], "started from the best checkpoint of the earlier run"
     with pytest.raises(pd.ConfigurationError, match="give the run to read from a name"):
         pd.latest_checkpoint(pd.RunConfig(storage=str(tmp_path)))
+
+
+def test_a_terminal_progress_bar_follows_the_reports(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    bar = pd.callbacks.RichProgress(3, console=Console(file=screen, width=100))
+    with pd.Trainer(num_workers=2, run=pd.RunConfig(name="bar", storage=str(tmp_path))) as trainer:
+        trainer.fit(talkative_loop, config={"epochs": 3}, callbacks=[bar])
+    assert "100%" in screen.getvalue() and "training bar" in screen.getvalue()
