@@ -367,7 +367,7 @@ def _collect(generators: list, iterations: _Iterations, commits: _Commits,
                     else:
                         errors[rank] = payload
                         if gather_deadline is None:
-                            gather_deadline = time.monotonic() + settings.error_gather_timeout()
+                            gather_deadline = time.monotonic() + settings.settings().error_gather_timeout_s
     return returns, errors
 
 

@@ -47,27 +47,3 @@ def settings() -> DistrainSettings:
 
 PLACEMENT_GROUP_TIMEOUT_ENV = f"{PREFIX}PLACEMENT_GROUP_TIMEOUT_S"
 ALLOW_AUTOSCALING_ENV = f"{PREFIX}ALLOW_AUTOSCALING"
-
-
-def placement_group_timeout() -> float:
-    return settings().placement_group_timeout_s
-
-
-def backoff_max() -> float:
-    return settings().backoff_max_s
-
-
-def backend_setup_timeout() -> float:
-    return settings().backend_setup_timeout_s
-
-
-def shutdown_timeout() -> float:
-    return settings().shutdown_timeout_s
-
-
-def error_gather_timeout() -> float:
-    return settings().error_gather_timeout_s
-
-
-def autoscaling_allowed() -> bool:
-    return settings().allow_autoscaling

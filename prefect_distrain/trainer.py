@@ -136,7 +136,7 @@ class Trainer:
         settle = time.monotonic() + (_RELEASE_WAIT_S if expect_full else 0.0)
         while capacity_now(self.scaling) < wanted and time.monotonic() < settle:
             time.sleep(0.2)
-        timeout = settings.placement_group_timeout()
+        timeout = settings.settings().placement_group_timeout_s
         deadline = time.monotonic() + timeout
         delay = 1.0
         while True:
@@ -170,7 +170,7 @@ class Trainer:
                 "Waiting for resources: the cluster can hold %d of the %d worker(s) needed; "
                 "looking again in %.0f s", max(size, 0), least, min(delay, remaining))
             time.sleep(min(delay, remaining))
-            delay = min(delay * 2, settings.backoff_max())
+            delay = min(delay * 2, settings.settings().backoff_max_s)
 
     def _discard_group(self) -> None:
         """After a failure: the actors are killed, not shut down gracefully."""

@@ -224,7 +224,7 @@ def check_cluster_can_hold(scaling: ScalingConfig) -> None:
         holdable = sum(1 for f in fits if f >= 1)
     else:
         holdable = sum(fits)
-    if holdable < n and not settings.autoscaling_allowed():
+    if holdable < n and not settings.settings().allow_autoscaling:
         at_least = "at least " if scaling.min_workers else ""
         raise ResourcesUnavailableError(
             f"ScalingConfig asks for {at_least}{n} workers of {_describe(bundle)} each "
@@ -295,7 +295,7 @@ class WorkerGroup:
         ]
         try:
             metadata = ray.get([a.metadata.remote() for a in actors],
-                               timeout=settings.backend_setup_timeout())
+                               timeout=settings.settings().backend_setup_timeout_s)
         except BaseException:
             for actor in actors:
                 ray.kill(actor, no_restart=True)

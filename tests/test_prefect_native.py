@@ -3,7 +3,6 @@ ranks, the progress artifact, the summary, the events; blocks; settings; warm st
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile

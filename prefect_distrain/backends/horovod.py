@@ -89,7 +89,7 @@ class _HorovodBackend(Backend):
         import ray
 
         rendezvous_server_cls, slot_info_cls = import_horovod_runner()
-        timeout = settings.backend_setup_timeout()
+        timeout = settings.settings().backend_setup_timeout_s
         hosts = worker_group.execute(_network_interface, timeout=timeout)
         infos = [m.info for m in worker_group.members]
         # Horovod's "host" is a Ray node here; ranks are already grouped by node.
@@ -125,7 +125,7 @@ class _HorovodBackend(Backend):
 
     def on_shutdown(self, worker_group: WorkerGroup, config: HorovodConfig) -> None:
         try:
-            worker_group.execute(_shutdown_horovod, timeout=settings.shutdown_timeout())
+            worker_group.execute(_shutdown_horovod, timeout=settings.settings().shutdown_timeout_s)
         finally:
             self.stop_server()
 

@@ -64,7 +64,7 @@ class _TensorflowBackend(Backend):
         return {"TF_USE_LEGACY_KERAS": "1"} if config.keras == "tf_keras" else {}
 
     def on_start(self, worker_group: WorkerGroup, config: TensorflowConfig) -> None:
-        timeout = settings.backend_setup_timeout()
+        timeout = settings.settings().backend_setup_timeout_s
         workers = worker_group.execute(_address_and_free_port, timeout=timeout)
         worker_group.execute(_set_tf_config, workers, timeout=timeout)
 
@@ -73,7 +73,7 @@ class _TensorflowBackend(Backend):
         return kind.__module__.startswith("tensorflow.") and kind.__name__ in _RUNTIME_ERRORS
 
     def on_shutdown(self, worker_group: WorkerGroup, config: TensorflowConfig) -> None:
-        worker_group.execute(_clear_tf_config, timeout=settings.shutdown_timeout())
+        worker_group.execute(_clear_tf_config, timeout=settings.settings().shutdown_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def cuda_device_index() -> int | None:
 class _TorchBackend(Backend):
     def on_start(self, worker_group: WorkerGroup, config: TorchConfig) -> None:
         use_gpu = worker_group.scaling.use_gpu
-        timeout = settings.backend_setup_timeout()
+        timeout = settings.settings().backend_setup_timeout_s
         if use_gpu:
             gpus_by_node: dict[str, list[str]] = {}
             for member in worker_group.members:
@@ -61,7 +61,7 @@ class _TorchBackend(Backend):
         return isinstance(error, getattr(dist, "DistError", ()))
 
     def on_shutdown(self, worker_group: WorkerGroup, config: TorchConfig) -> None:
-        worker_group.execute(_leave_process_group, timeout=settings.shutdown_timeout())
+        worker_group.execute(_leave_process_group, timeout=settings.settings().shutdown_timeout_s)
 
 
 @dataclass(frozen=True)
