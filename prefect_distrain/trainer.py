@@ -279,9 +279,9 @@ class Trainer:
             try:
                 outcome = run_training(group, spec, self.logger)
             except ScaleUp as scale:
+                restart_cause = f"scale up from {len(group)} workers after checkpoint {scale.index}"
                 self._discard_group()
                 scaled_up = True
-                restart_cause = f"scale up from {len(group)} workers after checkpoint {scale.index}"
                 storage.record_attempt({**record, "status": "scaled up", "ended_at": _now(),
                                         "cause": restart_cause,
                                         "last_reported": _last_reported(history)})

@@ -65,7 +65,9 @@ def test_lost_node_shrinks_the_group_and_it_grows_back(cluster, tmp_path):
     assert [r["world_size"] for r in result.worker_results] == [4] * 4
     statuses = [a["status"] for a in trainer.storage.read_attempts()]
     assert statuses == ["failed", "scaled up", "completed"]
-    assert [a["world_size"] for a in trainer.storage.read_attempts()] == [4, 2, 4]
+    attempts = trainer.storage.read_attempts()
+    assert [a["world_size"] for a in attempts] == [4, 2, 4]
+    assert attempts[1]["cause"].startswith("scale up from 2 workers after checkpoint")
     assert_no_train_actors()
 
 
