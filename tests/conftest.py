@@ -144,3 +144,27 @@ def storage_kind(request, tmp_path):
     if request.param == "local":
         return {"storage": str(tmp_path / "runs"), "storage_options": {}}
     return request.getfixturevalue("s3_storage")
+
+
+def flow_run_records(flow_run_id) -> tuple[list[str], list, list]:
+    """(log messages, artifacts, task runs) of one flow run, filtered by the Prefect server:
+    a session's tests make more of each than one unfiltered page holds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_run_id])))
+    return [log.message for log in logs], artifacts, task_runs

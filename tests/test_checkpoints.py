@@ -17,7 +17,7 @@ import torch
 
 import flaky_fs
 import prefect_distrain as pd
-from conftest import S3_SECRET, assert_no_train_actors
+from conftest import S3_SECRET, assert_no_train_actors, flow_run_records
 from prefect_distrain.storage import RunStorage, select_retained
 
 
@@ -127,8 +127,6 @@ def scored_loop(config):
 @pytest.mark.parametrize("upload", ["sync", "async"])
 def test_train_commits_keeps_the_best_and_shows_artifacts(storage_kind, upload):
     from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.logging.handlers import APILogWorker
 
     run_name = f"scored-{upload}"
 
@@ -155,17 +153,13 @@ def test_train_commits_keeps_the_best_and_shows_artifacts(storage_kind, upload):
                          result.best_checkpoints[0][0].manifest)
     assert pd.torch.load_state(best, "model.pt") == {"epoch": 1}
 
-    APILogWorker.drain_all(timeout=10)
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts()
-        logs = client.read_logs()
-    mine = [a for a in artifacts if a.flow_run_id == state.state_details.flow_run_id]
+    logs, artifacts, _ = flow_run_records(state.state_details.flow_run_id)
+    mine = artifacts
     links = [a for a in mine if a.key == f"{run_name}-checkpoint"]
     assert len(links) == 5, "one link artifact per committed checkpoint"
     table = [a for a in mine if a.key == f"{run_name}-checkpoints"]
     assert len(table) == 1 and [row["index"] for row in json.loads(table[0].data)] == [2, 4, 5]
-    shown = json.dumps([a.model_dump(mode="json") for a in artifacts]) + "".join(
-        log.message for log in logs)
+    shown = json.dumps([a.model_dump(mode="json") for a in artifacts]) + "".join(logs)
     assert "Committed checkpoint 5" in shown
     assert S3_SECRET not in shown, "credentials reached a log or an artifact"
     assert S3_SECRET.encode() not in cloudpickle.dumps(result), "credentials in the result"
@@ -339,8 +333,6 @@ def test_bad_storage_input_names_the_fix(tmp_path, s3_storage, monkeypatch):
 @pytest.mark.usefixtures("ray_cluster", "prefect_server")
 def test_credentials_from_a_storage_block(s3_storage):
     from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.logging.handlers import APILogWorker
 
     from prefect_distrain.blocks import CheckpointStorage
 
@@ -359,10 +351,8 @@ def test_credentials_from_a_storage_block(s3_storage):
     state = from_block(return_state=True)
     result = state.result()
     assert result.checkpoint.path == "s3://models/block-runs/from-block/checkpoint_000001-a0"
-    APILogWorker.drain_all(timeout=10)
-    with get_client(sync_client=True) as client:
-        shown = json.dumps([a.model_dump(mode="json") for a in client.read_artifacts()]) + "".join(
-            log.message for log in client.read_logs())
+    logs, artifacts, _ = flow_run_records(state.state_details.flow_run_id)
+    shown = json.dumps([a.model_dump(mode="json") for a in artifacts]) + "".join(logs)
     assert "from-block-summary" in shown and S3_SECRET not in shown
     assert listing({"storage": "s3://models/block-runs", "storage_options": s3_storage[
         "storage_options"]}, "from-block")[1] == ["checkpoint_000001-a0.json"]

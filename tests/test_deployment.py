@@ -10,6 +10,8 @@ import sys
 import pytest
 import ray
 
+from conftest import flow_run_records
+
 pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +43,7 @@ def test_the_nightly_deployment_runs_on_a_process_worker_and_warm_starts(tmp_pat
         prefect_cli("worker", "start", "--pool", "local-process", "--run-once")
         with get_client(sync_client=True) as client:
             finished.append(client.read_flow_run(flow_run.id))
-            logs = [log.message for log in client.read_logs()
-                    if log.flow_run_id == flow_run.id]
+        logs = flow_run_records(flow_run.id)[0]
     assert [run.state.type.value for run in finished] == ["COMPLETED", "COMPLETED"]
     assert any("no earlier run: training from scratch" in line for line in logs) is False
     assert any(line.startswith("warm start from digits-") for line in logs), logs

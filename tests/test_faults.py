@@ -18,7 +18,7 @@ import ray
 from prefect import flow
 
 import prefect_distrain as pd
-from conftest import TESTS, assert_no_train_actors, live_train_actors
+from conftest import TESTS, assert_no_train_actors, flow_run_records, live_train_actors
 from fault_loops import deterministic_loop, same_weights
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -67,7 +67,6 @@ def test_sigkilled_worker_restarts_and_ends_bit_identical(tmp_path, reference, k
 
 @pytest.mark.usefixtures("prefect_server")
 def test_prefect_retry_resumes_from_the_latest_checkpoint(tmp_path, reference):
-    from prefect.client.orchestration import get_client
 
     @flow
     def retried():
@@ -85,21 +84,17 @@ def test_prefect_retry_resumes_from_the_latest_checkpoint(tmp_path, reference):
     attempts = ledger(str(tmp_path), result.run_name)
     assert [a["status"] for a in attempts] == ["failed", "completed"]
     assert attempts[1]["resumed_from"].endswith("checkpoint_000003-a0")
-    with get_client(sync_client=True) as client:
-        artifacts = [a for a in client.read_artifacts() if a.flow_run_id == flow_run_id]
-        task_runs = client.read_task_runs()
+    _, artifacts, train_runs = flow_run_records(flow_run_id)
     ledgers = sorted((a for a in artifacts if a.key.endswith("-attempts")), key=lambda a: a.created)
     rows = json.loads(ledgers[-1].data)
     assert [(r["attempt"], r["status"]) for r in rows] == [(0, "failed"), (1, "completed")]
     assert "WorkerLostError" in rows[0]["cause"]
-    train_runs = [t for t in task_runs if t.flow_run_id == flow_run_id]
     assert [t.run_count for t in train_runs] == [2], "one task run, retried once by Prefect"
     assert_no_train_actors()
 
 
 @pytest.mark.usefixtures("prefect_server")
 def test_the_same_error_on_every_rank_is_a_bug_never_retried(tmp_path):
-    from prefect.client.orchestration import get_client
 
     def buggy(config):
         pd.report({"step": 0})
@@ -118,9 +113,7 @@ def test_the_same_error_on_every_rank_is_a_bug_never_retried(tmp_path):
     assert caught.value.ranks == [0, 1] and caught.value.retryable is False
     assert "ranks [0, 1] raised" in "".join(caught.value.__notes__)
     assert [a["status"] for a in ledger(str(tmp_path), "buggy")] == ["failed"], "no restart"
-    with get_client(sync_client=True) as client:
-        runs = [t for t in client.read_task_runs()
-                if t.flow_run_id == state.state_details.flow_run_id]
+    _, _, runs = flow_run_records(state.state_details.flow_run_id)
     assert [t.run_count for t in runs] == [1], "no Prefect retry"
     assert_no_train_actors()
 

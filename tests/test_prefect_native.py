@@ -14,6 +14,7 @@ from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
 import prefect_distrain as pd
+from conftest import flow_run_records
 from prefect_distrain.blocks import CheckpointStorage, RayCluster
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
@@ -42,9 +43,7 @@ def read_back(flow_run_id, run_name: str, wait_for_events: set[str]):
     Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventResourceFilter
-    from prefect.logging.handlers import APILogWorker
 
-    APILogWorker.drain_all(timeout=10)
     deadline = time.monotonic() + 30
     ours = EventFilter(resource=EventResourceFilter(id_prefix=[
         f"prefect-distrain.run.{run_name}", f"prefect-distrain.checkpoint.{run_name}."]))
@@ -54,8 +53,7 @@ def read_back(flow_run_id, run_name: str, wait_for_events: set[str]):
             if wait_for_events <= {e.event for e in events} or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        logs = [log.message for log in client.read_logs() if log.flow_run_id == flow_run_id]
-        artifacts = [a for a in client.read_artifacts() if a.flow_run_id == flow_run_id]
+    logs, artifacts, _ = flow_run_records(flow_run_id)
     return logs, artifacts, events
 
 
