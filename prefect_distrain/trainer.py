@@ -279,7 +279,8 @@ class Trainer:
             try:
                 outcome = run_training(group, spec, self.logger)
             except ScaleUp as scale:
-                restart_cause = f"scale up from {len(group)} workers after checkpoint {scale.index}"
+                restart_cause = (f"scale up from {record['world_size']} workers after "
+                                 f"checkpoint {scale.index}")
                 self._discard_group()
                 scaled_up = True
                 storage.record_attempt({**record, "status": "scaled up", "ended_at": _now(),
