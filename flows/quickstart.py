@@ -43,7 +43,7 @@ def train_loop(config):
         torch.utils.data.DataLoader(train_set, batch_size=config["batch_size"], shuffle=True))
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    x_test, y_test = test_set.tensors
+    x_test, y_test = (t.to(pd.torch.get_device()) for t in test_set.tensors)
 
     start_epoch = 0
     checkpoint = pd.get_checkpoint()
@@ -77,12 +77,12 @@ def train_loop(config):
 
 
 @flow(name="digits-quickstart", log_prints=True)
-def quickstart(epochs: int = 8, num_workers: int = 2) -> float:
+def quickstart(epochs: int = 8, num_workers: int = 2, use_gpu: bool = False) -> float:
     result = pd.train(
         train_loop,
         backend="torch",
         config={"epochs": epochs, "lr": 0.05, "batch_size": 32, "hidden": 64},
-        scaling=pd.ScalingConfig(num_workers=num_workers),
+        scaling=pd.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run=pd.RunConfig(storage=os.environ.get(
             "QUICKSTART_STORAGE", os.path.join(tempfile.gettempdir(), "prefect-distrain"))),
         checkpoint=pd.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="accuracy",

@@ -27,6 +27,7 @@ from .backends import Backend, BackendConfig, available_backends
 from .callbacks import PrintingCallback, TrainingCallback
 from .checkpoint import Checkpoint
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from .data import DataConfig, read_dataset
 from .exceptions import (
     CheckpointCorruptError,
     CheckpointUploadError,
@@ -39,7 +40,13 @@ from .exceptions import (
     WorkerLostError,
 )
 from .result import TrainResult
-from .session import TrainContext, get_checkpoint, get_context, report
+from .session import (
+    TrainContext,
+    get_checkpoint,
+    get_context,
+    get_dataset_shard,
+    report,
+)
 from .storage import best_checkpoint, latest_checkpoint
 from .trainer import Trainer
 
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
     from .backends.horovod import HorovodConfig
     from .backends.tensorflow import TensorflowConfig
     from .backends.torch import TorchConfig
+    from .prefect_ray import ray_task_runner
     from .tasks import retry_on_infrastructure, train
 
 __version__ = "0.1.0"
@@ -55,6 +63,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "train": ("prefect_distrain.tasks", "train"),
     "retry_on_infrastructure": ("prefect_distrain.tasks", "retry_on_infrastructure"),
+    "ray_task_runner": ("prefect_distrain.prefect_ray", "ray_task_runner"),
     "TorchConfig": ("prefect_distrain.backends.torch", "TorchConfig"),
     "TensorflowConfig": ("prefect_distrain.backends.tensorflow", "TensorflowConfig"),
     "HorovodConfig": ("prefect_distrain.backends.horovod", "HorovodConfig"),
@@ -64,12 +73,13 @@ _LAZY = {
 
 __all__ = [
     "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
-    "CheckpointUploadError", "ConfigurationError", "DistrainError", "FailureConfig",
+    "CheckpointUploadError", "ConfigurationError", "DataConfig", "DistrainError", "FailureConfig",
     "HorovodConfig", "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError",
     "RunConfig", "ScalingConfig", "TensorflowConfig", "TorchConfig", "TrainContext",
     "TrainResult", "Trainer", "TrainingCallback", "UnsafeCheckpointError", "WorkerError",
     "WorkerLostError", "available_backends", "best_checkpoint", "get_checkpoint", "get_context",
-    "latest_checkpoint", "report", "retry_on_infrastructure", "tensorflow", "torch", "train",
+    "get_dataset_shard", "latest_checkpoint", "ray_task_runner", "read_dataset", "report",
+    "retry_on_infrastructure", "tensorflow", "torch", "train",
 ]
 
 

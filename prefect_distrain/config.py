@@ -145,12 +145,22 @@ class CheckpointConfig:
     returns once they are copied aside locally and uploads in the background (one upload in
     flight per rank; a failure is raised by the next ``report`` and at the end of the run).
     Sync is the default because its failures surface where they happen.
+
+    ``mode="auto"``: when the loop prepared its model, optimizer and training data loader with
+    ``pd.torch.prepare_model`` / ``prepare_optimizer`` / ``prepare_data_loader``, their state is
+    committed before each pass over the training data (and once more when the function
+    returns); a restart runs the passes already done with one batch each (their reports are
+    dropped), then restores that state and goes on, with no checkpoint code in the loop. The
+    first loader prepared (or the "train" dataset shard) is the training data; other state (an
+    LR scheduler stepped per batch) is not saved. ``"manual"`` (default): only what the loop
+    reports.
     """
 
     num_to_keep: int | None = None
     checkpoint_score_attribute: str | None = None
     checkpoint_score_order: str = "max"
     upload: str = "sync"
+    mode: str = "manual"
 
     def __post_init__(self) -> None:
         if self.num_to_keep is not None and (
@@ -164,6 +174,14 @@ class CheckpointConfig:
                 "better, e.g. accuracy) or 'min' (lower is better, e.g. loss)")
         if self.upload not in ("sync", "async"):
             raise ConfigurationError(f"upload {self.upload!r}: use 'sync' or 'async'")
+        if self.mode not in ("manual", "auto"):
+            raise ConfigurationError(
+                f"mode {self.mode!r}: use 'auto' (checkpoint the prepared model, optimizer and "
+                "data loader before each pass) or 'manual' (only what report() is given)")
+        if self.mode == "auto" and self.checkpoint_score_attribute is not None:
+            raise ConfigurationError(
+                "mode='auto' keeps the newest checkpoints: drop checkpoint_score_attribute, or "
+                "report scored checkpoints yourself with mode='manual'")
 
 
 @dataclass(frozen=True)

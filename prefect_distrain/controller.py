@@ -34,7 +34,7 @@ from .exceptions import (
     WorkerLostError,
 )
 from .logs import WorkerLogs
-from .session import TrainContext
+from .session import AUTO_PASS_KEY, TrainContext
 from .storage import RunStorage, redact_url, select_retained
 from .worker_group import WorkerGroup
 
@@ -59,6 +59,10 @@ class RunSpec:
     protected: set[str] = field(default_factory=set)
     #: Rank 0's reports, appended as iterations complete (kept by the caller across restarts).
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: Every rank's reports: one list (in rank order) per iteration, beside ``history``.
+    history_all_ranks: list[list[dict[str, Any]]] = field(default_factory=list)
+    #: One ``{name: DataIterator}`` per rank, split for this group's size.
+    dataset_shards: list[dict[str, Any]] | None = None
     #: Asked after each commit while an elastic group runs small: may it grow now?
     can_scale_up: Callable[[], bool] | None = None
     #: The backend's own test for errors of its runtime (e.g. a collective timeout).
@@ -227,6 +231,7 @@ class _Iterations:
         self.logger = logger
         self.pending: dict[int, dict[int, dict]] = {}
         self.history = spec.history
+        self.history_all_ranks = spec.history_all_ranks
         self._last_log = 0.0
 
     def add(self, rank: int, report: dict[str, Any]) -> None:
@@ -243,10 +248,15 @@ class _Iterations:
         reports = self.pending.pop(iteration)
         results = [reports[r]["metrics"] for r in sorted(reports)]
         with_checkpoint = {r for r, report in reports.items() if report["checkpoint"]}
-        if 0 in reports:
-            self.history.append(reports[0]["metrics"])
-        if with_checkpoint:
+        automatic = AUTO_PASS_KEY in results[0]  # not a result of the user's loop
+        if not automatic:
+            if 0 in reports:
+                self.history.append(reports[0]["metrics"])
+            self.history_all_ranks.append(results)
+        if with_checkpoint:  # may raise ScaleUp, after the history has this iteration
             self.commits.declared(iteration, with_checkpoint, results[0])
+        if automatic:
+            return
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
@@ -298,6 +308,8 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
             "checkpoint": spec.resume_from,
             "iteration": spec.first_index - 1,
             "upload": spec.checkpoint_config.upload,
+            "checkpoint_mode": spec.checkpoint_config.mode,
+            "datasets": spec.dataset_shards[m.info.world_rank] if spec.dataset_shards else {},
         }
         for m in group.members
     ]

@@ -13,7 +13,8 @@ class TrainResult:
     """The outcome of one successful run.
 
     ``metrics`` is the last report of rank 0 and ``metrics_history`` every report of rank 0 in
-    order; ``worker_results`` holds the training function's return values in rank order.
+    order; ``metrics_all_ranks`` the last report of every rank (in rank order) and
+    ``metrics_history_all_ranks`` those of every iteration; ``worker_results`` holds the training function's return values in rank order.
     ``checkpoint`` is the latest committed checkpoint (None if none was reported) and
     ``best_checkpoints`` the kept ones with their metrics, best first by the score attribute
     (newest first without one). Checkpoints here carry no storage options, so no credentials
@@ -33,4 +34,6 @@ class TrainResult:
     best_checkpoints: list[tuple[Checkpoint, dict[str, Any]]] = field(default_factory=list)
     attempt: int = 0
     failures: int = 0
+    metrics_all_ranks: list[dict[str, Any]] = field(default_factory=list)
+    metrics_history_all_ranks: list[list[dict[str, Any]]] = field(default_factory=list)
     wall_time_s: float = field(default=0.0, compare=False)

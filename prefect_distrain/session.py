@@ -12,11 +12,19 @@ files out of the directory into a staging folder beside it (a rename, instant ho
 a copy where a rename can't) and returns; the upload and the commit follow in the background.
 Either way the directory may be deleted or changed as soon as ``report`` returns.
 
+With ``CheckpointConfig(mode="auto")`` the framework helpers (``pd.torch.prepare_*``) register
+what they prepared here; the training data loader calls ``begin_pass`` before each pass over
+the data, which commits their state as a checkpoint. A run resuming from such a checkpoint
+replays the passes it holds with one batch each (so the loop's per-epoch code finds its
+variables; their reports were delivered before and are dropped), then restores the state where
+the next pass begins: the loop needs no checkpoint code.
+
 This module never imports Prefect: workers stay light and start fast.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import shutil
@@ -24,7 +32,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from .checkpoint import Checkpoint
 from .storage import RunStorage
@@ -79,6 +87,21 @@ class TrainContext:
         return self.attempt
 
 
+class AutoState(Protocol):
+    """What a framework's helpers keep for ``CheckpointConfig(mode="auto")``."""
+
+    def save(self, folder: str, rank: int) -> None:
+        """Write the prepared objects' state (and this rank's random state) into ``folder``."""
+
+    def resume_pass(self) -> None:
+        """The first pass after the replay begins: restore everything saved with it (the
+        replayed steps changed the weights and drew random numbers)."""
+
+
+#: The metric that marks a report as an automatic checkpoint, holding the passes done.
+AUTO_PASS_KEY = "_auto_checkpoint_pass"
+
+
 @dataclass
 class _Session:
     context: TrainContext
@@ -88,12 +111,61 @@ class _Session:
     #: checkpoint 3 numbers its first report 4. A checkpoint's index is its report's number.
     iteration: int = 0
     upload: str = "sync"
+    #: name -> this rank's DataIterator of each dataset given to the run.
+    datasets: dict[str, Any] = field(default_factory=dict)
+    checkpoint_mode: str = "manual"
     outbox: queue.Queue = field(default_factory=queue.Queue)
     last_report_time: float = field(default_factory=time.time)
     _uploader: threading.Thread | None = None
     _upload_error: BaseException | None = None
     _committed: int = 0
     _commits: threading.Condition = field(default_factory=threading.Condition)
+    #: mode="auto": the helpers' state, the passes begun over the training data, and the
+    #: passes the resume checkpoint holds (replayed without data).
+    auto_state: AutoState | None = None
+    passes_begun: int = 0
+    training_loader_claimed: bool = False
+    _last_metrics: dict[str, Any] = field(default_factory=dict)
+    _last_auto_pass: int = 0
+
+    @property
+    def passes_done_at_resume(self) -> int:
+        metrics = self.checkpoint.metrics if self.checkpoint is not None else {}
+        return int(metrics.get(AUTO_PASS_KEY, 0)) if self.checkpoint_mode == "auto" else 0
+
+    @property
+    def replaying(self) -> bool:
+        """Between a restart and the first pass the resume checkpoint does not hold."""
+        return self.passes_begun <= self.passes_done_at_resume and self.passes_done_at_resume > 0
+
+    def begin_pass(self) -> bool:
+        """The training data loader starts a pass. True: a pass done before the restart,
+        replayed with one batch; False: a real pass (checkpointed first in mode "auto")."""
+        done = self.passes_begun
+        self.passes_begun += 1
+        resumed_at = self.passes_done_at_resume
+        if done < resumed_at:
+            return True
+        if done == resumed_at and done > 0:
+            if self.auto_state is not None:
+                self.auto_state.resume_pass()
+            self._last_auto_pass = done
+        elif done > 0:
+            self.auto_checkpoint(done)
+        return False
+
+    def auto_checkpoint(self, passes_done: int) -> None:
+        """Commit the registered state as it is after ``passes_done`` passes."""
+        if self.checkpoint_mode != "auto" or self.auto_state is None:
+            return
+        folder = tempfile.mkdtemp(prefix=f"auto-checkpoint-{passes_done}-")
+        try:
+            self.auto_state.save(folder, self.context.get_world_rank())
+            self.report({**self._last_metrics, AUTO_PASS_KEY: passes_done},
+                        Checkpoint.from_directory(folder))
+            self._last_auto_pass = passes_done
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def report(self, metrics: Mapping[str, Any], checkpoint: Checkpoint | None) -> None:
         if not isinstance(metrics, Mapping):
@@ -109,6 +181,10 @@ class _Session:
         bad_keys = [k for k in metrics if not isinstance(k, str)]
         if bad_keys:
             raise TypeError(f"report() metric names must be strings, got {bad_keys!r}")
+        if self.replaying:
+            return  # a pass done before the restart: its report was delivered then
+        if AUTO_PASS_KEY not in metrics:
+            self._last_metrics = {k: v for k, v in metrics.items() if not k.startswith("_")}
         now = time.time()
         self.iteration += 1
         result = dict(metrics)
@@ -165,7 +241,10 @@ class _Session:
             raise error
 
     def finish(self) -> None:
-        """After the training function returns: its last upload must land or fail loudly."""
+        """After the training function returns: in mode "auto" its final state is committed;
+        its last upload must land or fail loudly."""
+        if self.passes_begun > max(self._last_auto_pass, self.passes_done_at_resume):
+            self.auto_checkpoint(self.passes_begun)
         self.wait_for_upload()
         self._raise_failed_upload()
 
@@ -224,6 +303,51 @@ def get_checkpoint() -> Checkpoint | None:
     """The committed checkpoint to resume from (``resume_from_checkpoint``), or None on a fresh
     run. Fixed while the function runs, like Ray Train's."""
     return _session("get_checkpoint").checkpoint
+
+
+def get_dataset_shard(name: str = "train") -> Any:
+    """This worker's share of the dataset ``name`` given to ``train(datasets=...)``: a Ray
+    ``DataIterator`` (``iter_torch_batches``, ``iter_batches``, ``iter_rows``). Split datasets
+    give each rank a disjoint share; the others reach every rank whole."""
+    session = _session("get_dataset_shard")
+    if name not in session.datasets:
+        given = ", ".join(repr(n) for n in sorted(session.datasets)) or "none"
+        raise KeyError(
+            f"no dataset {name!r} was given to this run (given: {given}): pass it with "
+            f"train(..., datasets={{{name!r}: ray_dataset_or_url}})")
+    shard = session.datasets[name]
+    if name == "train" and session.checkpoint_mode == "auto" \
+            and not session.training_loader_claimed:
+        session.training_loader_claimed = True
+        session.datasets[name] = shard = _TrainingShard(shard, session)
+    return shard
+
+
+class _TrainingShard:
+    """The "train" shard in mode "auto": each pass over it begins a pass of the session (a
+    checkpoint before it, or one batch while replaying passes done before a restart)."""
+
+    def __init__(self, iterator: Any, session: _Session):
+        self._iterator = iterator
+        self._session = session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._iterator, name)
+
+    def _pass(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        batches = getattr(self._iterator, method)(*args, **kwargs)
+        if self._session.begin_pass():
+            return itertools.islice(batches, 1)  # replayed: one batch, its effect undone
+        return batches
+
+    def iter_batches(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pass("iter_batches", *args, **kwargs)
+
+    def iter_torch_batches(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pass("iter_torch_batches", *args, **kwargs)
+
+    def iter_rows(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pass("iter_rows", *args, **kwargs)
 
 
 def get_context() -> TrainContext:

@@ -46,6 +46,7 @@ from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from .controller import is_infrastructure_failure
+from .data import DataConfig
 from .result import TrainResult
 from .trainer import Trainer
 
@@ -127,7 +128,7 @@ def _publish(trainer: Trainer, result: TrainResult | None, error: BaseException 
             emit_run_event("run.failed", storage.name, {
                 "metrics": final, "error": f"{type(error).__name__}: {error}"[:1000],
                 "retryable": is_infrastructure_failure(error)})
-    except Exception:  # noqa: BLE001 - reporting must not replace the outcome
+    except Exception:
         logger.exception("Could not publish the run's summary to Prefect")
 
 
@@ -146,6 +147,8 @@ def train(
     failure: FailureConfig | None = None,
     resume_from_checkpoint: Checkpoint | str | None = None,
     callbacks: list[TrainingCallback] | None = None,
+    datasets: dict[str, Any] | None = None,
+    data_config: DataConfig | None = None,
     ray_address: str | None = None,
     ray_init_kwargs: dict[str, Any] | None = None,
     ray_cluster: Any = None,
@@ -156,7 +159,9 @@ def train(
     local Ray that it starts and stops. Returns the metrics, the checkpoints and every rank's
     return value; raises the training function's own exception (with its rank) if one fails.
     ``ray_cluster``: a ``prefect_distrain.blocks.RayCluster`` block (address, runtime_env, init
-    options) instead of ``ray_address`` / ``ray_init_kwargs``.
+    options) instead of ``ray_address`` / ``ray_init_kwargs``. ``datasets``: name -> Ray
+    Dataset or URL of parquet / CSV files (e.g. what an upstream task wrote); each worker reads
+    its share with ``pd.get_dataset_shard(name)``.
 
     In Prefect: worker log lines and prints in the run log with their rank; a progress
     artifact (with ``RunConfig(total=...)``); a link artifact and a
@@ -186,7 +191,8 @@ def train(
     try:
         with trainer:
             result = trainer.fit(train_loop, config=config, callbacks=[*(callbacks or []), *shown],
-                                 resume_from_checkpoint=resume_from_checkpoint)
+                                 resume_from_checkpoint=resume_from_checkpoint,
+                                 datasets=datasets, data_config=data_config)
     except BaseException as failure:
         error = failure
         raise

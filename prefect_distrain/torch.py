@@ -11,17 +11,27 @@ def train_loop(config):
             ...
 ```
 ``batch_size`` stays per worker: the global batch is ``batch_size * get_world_size()``.
+
+Mixed precision: call ``accelerate(amp=True)`` first, prepare the optimizer with
+``prepare_optimizer`` and call ``backward(loss)`` instead of ``loss.backward()`` (bf16 autocast
+on CPU; fp16 with a gradient scaler on GPU). ``enable_reproducibility(seed)`` before building
+the model makes two runs give the same weights. With ``CheckpointConfig(mode="auto")`` what
+these helpers prepared is checkpointed before each pass over the training data.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
-from typing import Any, Iterator
+import random
+import tempfile
+from typing import Any, Callable, Iterator
 
+from . import session as _session_module
 from .backends.torch import TorchConfig, cuda_device_index, import_torch
 from .checkpoint import Checkpoint
-from .exceptions import UnsafeCheckpointError
+from .exceptions import ConfigurationError, UnsafeCheckpointError
 
 torch = import_torch()
 
@@ -34,7 +44,8 @@ from torch.utils.data import (  # noqa: E402
     RandomSampler,
 )
 
-__all__ = ["TorchConfig", "get_device", "load_state", "prepare_data_loader", "prepare_model"]
+__all__ = ["TorchConfig", "accelerate", "backward", "enable_reproducibility", "get_device",
+           "load_state", "prepare_data_loader", "prepare_model", "prepare_optimizer"]
 
 
 def _world_size() -> int:
@@ -63,6 +74,12 @@ def prepare_model(model: torch.nn.Module, move_to_device: bool = True,
     device = get_device()
     if move_to_device:
         model = model.to(device)
+    _accelerator.prepared = True
+    if _accelerator.amp:
+        model.forward = _autocast(model.forward, device.type)
+    auto = _auto_state()
+    if auto is not None:
+        auto.add_model(model)
     if parallel_strategy == "ddp" and _world_size() > 1:
         kwargs = dict(parallel_strategy_kwargs or {})
         if device.type == "cuda":
@@ -78,7 +95,11 @@ def prepare_data_loader(data_loader: DataLoader, add_dist_sampler: bool = True,
 
     Adds a DistributedSampler (shuffling if the loader shuffled) and calls its ``set_epoch``
     at the start of every pass, so each epoch shuffles differently but the same on all ranks.
+    The first loader prepared is the training data of ``CheckpointConfig(mode="auto")``.
     """
+    if _accelerator.seed is not None and data_loader.num_workers > 0 \
+            and data_loader.worker_init_fn is None:
+        data_loader.worker_init_fn = _seed_loader_worker
     if (add_dist_sampler and _world_size() > 1
             and not isinstance(data_loader.dataset, IterableDataset)
             and not isinstance(data_loader.sampler, DistributedSampler)
@@ -98,9 +119,15 @@ def prepare_data_loader(data_loader: DataLoader, add_dist_sampler: bool = True,
             prefetch_factor=data_loader.prefetch_factor,
             persistent_workers=data_loader.persistent_workers,
         )
-    if not move_to_device and not isinstance(data_loader.sampler, DistributedSampler):
+    session = _session_module._current
+    training = session is not None and not session.training_loader_claimed
+    if training:
+        session.training_loader_claimed = True
+    if not move_to_device and not training \
+            and not isinstance(data_loader.sampler, DistributedSampler):
         return data_loader
-    return _DeviceLoader(data_loader, get_device() if move_to_device else None)
+    return _DeviceLoader(data_loader, get_device() if move_to_device else None,
+                         session if training else None)
 
 
 class _DeviceLoader:
@@ -110,9 +137,10 @@ class _DeviceLoader:
     must, for the same data order as a run that never stopped) keeps its own epoch.
     """
 
-    def __init__(self, loader: DataLoader, device: torch.device | None):
+    def __init__(self, loader: DataLoader, device: torch.device | None, session: Any = None):
         self.loader = loader
         self.device = device
+        self.session = session  # set on the training data loader: it reports each pass
         self.passes = 0
         self._epoch_set = 0
 
@@ -130,8 +158,11 @@ class _DeviceLoader:
             sampler.set_epoch(self.passes)  # nobody else set it: count the passes
             self._epoch_set = self.passes
         self.passes += 1
+        replay = self.session is not None and self.session.begin_pass()
         for batch in self.loader:
             yield batch if self.device is None else _to_device(batch, self.device)
+            if replay:  # a pass done before the restart (mode "auto"): one batch, undone later
+                return
 
 
 def load_state(checkpoint: Checkpoint, filename: str = "model.pt",
@@ -167,3 +198,254 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
+
+
+# -- mixed precision, reproducibility and automatic checkpoints --------------------------------
+
+
+class _Accelerator:
+    """This worker's choices, made by ``accelerate`` / ``enable_reproducibility``."""
+
+    def __init__(self) -> None:
+        self.amp = False
+        self.scaler: Any = None
+        self.seed: int | None = None
+        self.prepared = False
+
+
+_accelerator = _Accelerator()
+
+
+def accelerate(amp: bool = False) -> None:
+    """Turn on automatic mixed precision for what is prepared next: the model's forward runs
+    under autocast (bf16 on CPU, fp16 on GPU, outputs back in float32) and, on GPU,
+    ``prepare_optimizer`` / ``backward`` scale the loss so fp16 gradients do not underflow.
+    Call it before ``prepare_model``."""
+    if _accelerator.prepared:
+        raise ConfigurationError(
+            "accelerate() must come before prepare_model(): call it first in the training "
+            "function")
+    _accelerator.amp = bool(amp)
+    cuda = get_device().type == "cuda"
+    _accelerator.scaler = torch.amp.GradScaler("cuda") if amp and cuda else None
+
+
+def _autocast(forward: Callable, device_type: str) -> Callable:
+    dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+
+    @functools.wraps(forward)
+    def forward_in_mixed_precision(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            outputs = forward(*args, **kwargs)
+        return _to_float32(outputs)
+
+    return forward_in_mixed_precision
+
+
+def _to_float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        converted = [_to_float32(v) for v in value]
+        return type(value)(*converted) if hasattr(value, "_fields") else type(value)(converted)
+    if isinstance(value, dict):
+        return {k: _to_float32(v) for k, v in value.items()}
+    return value
+
+
+class _ScaledOptimizer(torch.optim.Optimizer):
+    """The user's optimizer, stepping through the gradient scaler (fp16 on GPU); still an
+    Optimizer, so learning-rate schedulers accept it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: Any):
+        self.optimizer = optimizer
+        self.scaler = scaler
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("optimizer", "scaler"):
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def param_groups(self) -> Any:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def defaults(self) -> Any:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def step(self, closure: Callable | None = None) -> Any:
+        result = self.scaler.step(self.optimizer, closure) if closure else \
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return result
+
+
+def prepare_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Ready the optimizer for ``accelerate(amp=True)`` (a gradient scaler on GPU) and for
+    ``CheckpointConfig(mode="auto")``. Without either it is returned as it is."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigurationError(
+            f"prepare_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    auto = _auto_state()
+    if auto is not None:
+        auto.add_optimizer(optimizer)
+    if _accelerator.scaler is not None:
+        return _ScaledOptimizer(optimizer, _accelerator.scaler)
+    return optimizer
+
+
+def backward(loss: torch.Tensor) -> None:
+    """``loss.backward()``, through the gradient scaler when mixed precision needs one."""
+    if _accelerator.scaler is not None:
+        _accelerator.scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def enable_reproducibility(seed: int = 0) -> None:
+    """Seed every random generator (torch, numpy, random, data loader workers) and use
+    deterministic algorithms only, so two runs with the same seed and world size give the same
+    weights. Call it first in the training function. Slower on GPU; not for every op (torch
+    raises on ops without a deterministic version)."""
+    _accelerator.seed = seed
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed)
+    except ImportError:
+        pass
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # deterministic cuBLAS (CUDA >= 10.2)
+
+
+def _seed_loader_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed)
+    except ImportError:
+        pass
+
+
+_STATE_FILE = "auto_state.pt"
+
+
+def _rng_file(rank: int) -> str:
+    return f"auto_rng_rank{rank}.pt"
+
+
+class _TorchAutoState:
+    """The models and optimizers ``mode="auto"`` checkpoints; restores them (and the random
+    state) where the first pass after a restart's replay begins."""
+
+    def __init__(self, session: Any):
+        self.session = session
+        self.models: list[torch.nn.Module] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self._folder: str | None = None
+
+    def _saved(self, name: str) -> Any:
+        """A file of the resume checkpoint (downloaded once), or None on a fresh start."""
+        checkpoint = self.session.checkpoint
+        if self.session.passes_done_at_resume == 0 or checkpoint is None:
+            return None
+        if self._folder is None:
+            self._folder = checkpoint.to_directory(tempfile.mkdtemp(prefix="auto-resume-"))
+        path = os.path.join(self._folder, name)
+        if not os.path.exists(path):
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def add_model(self, model: torch.nn.Module) -> None:
+        self.models.append(model)
+
+    def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizers.append(optimizer)
+
+    def save(self, folder: str, rank: int) -> None:
+        if rank == 0:
+            torch.save({
+                "models": [_unwrapped(m).state_dict() for m in self.models],
+                "optimizers": [o.state_dict() for o in self.optimizers],
+                "scaler": _accelerator.scaler.state_dict() if _accelerator.scaler else None,
+            }, os.path.join(folder, _STATE_FILE))
+        torch.save(_random_state(), os.path.join(folder, _rng_file(rank)))
+
+    def resume_pass(self) -> None:
+        state = self._saved(_STATE_FILE)
+        if state is None:
+            return
+        for model, saved in zip(self.models, state["models"]):
+            _unwrapped(model).load_state_dict(saved)
+            for parameter in model.parameters():
+                parameter.grad = None  # the replayed steps' gradients
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        if state.get("scaler") and _accelerator.scaler is not None:
+            _accelerator.scaler.load_state_dict(state["scaler"])
+        rank = self.session.context.get_world_rank()
+        randomness = self._saved(_rng_file(rank)) or self._saved(_rng_file(0))
+        if randomness is not None:
+            _set_random_state(randomness)
+
+
+def _auto_state() -> _TorchAutoState | None:
+    session = _session_module._current
+    if session is None or session.checkpoint_mode != "auto":
+        return None
+    if session.auto_state is None:
+        session.auto_state = _TorchAutoState(session)
+    return session.auto_state
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _random_state() -> dict[str, Any]:
+    """Every generator a training step may draw from, as tensors and plain values only (so
+    that ``weights_only`` loading reads it back)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "python": (version, torch.tensor(internal, dtype=torch.int64), gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+        name, keys, pos, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+    except ImportError:
+        pass
+    return state
+
+
+def _set_random_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))

@@ -24,6 +24,7 @@ from .callbacks import RichProgress, TrainingCallback
 from .checkpoint import Checkpoint
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from .controller import RunSpec, ScaleUp, is_infrastructure_failure, run_training
+from .data import DataConfig, resolve_datasets, split_datasets
 from .exceptions import ConfigurationError, ResourcesUnavailableError
 from .logs import WorkerLogs
 from .result import TrainResult
@@ -202,29 +203,41 @@ class Trainer:
         self.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
     # -- runs -------------------------------------------------------------------------------------
 
     def run(self, train_func: Callable, config: Any = None,
             callbacks: list[TrainingCallback] | None = None,
-            resume_from_checkpoint: Checkpoint | str | None = None) -> list[Any]:
+            resume_from_checkpoint: Checkpoint | str | None = None,
+            datasets: dict[str, Any] | None = None,
+            data_config: DataConfig | None = None) -> list[Any]:
         """Run ``train_func`` on every worker; its return values, in rank order."""
         return self.fit(train_func, config=config, callbacks=callbacks,
-                        resume_from_checkpoint=resume_from_checkpoint).worker_results
+                        resume_from_checkpoint=resume_from_checkpoint, datasets=datasets,
+                        data_config=data_config).worker_results
 
     def fit(self, train_func: Callable, config: Any = None,
             callbacks: list[TrainingCallback] | None = None,
-            resume_from_checkpoint: Checkpoint | str | None = None) -> TrainResult:
+            resume_from_checkpoint: Checkpoint | str | None = None,
+            datasets: dict[str, Any] | None = None,
+            data_config: DataConfig | None = None) -> TrainResult:
         """Run ``train_func`` on every worker; the full result (metrics, checkpoint, returns).
 
         ``resume_from_checkpoint``: a Checkpoint, the path/URL of one, or ``"latest"`` for this
         run's latest committed checkpoint (a fresh start, logged, when there is none). After an
         infrastructure failure the group restarts (``FailureConfig.max_failures`` times) from
         the latest committed checkpoint; an elastic group also restarts to grow back.
+
+        ``datasets``: name -> Ray Dataset or URL of parquet / CSV files (read with the run's
+        storage options); each worker reads its share with ``pd.get_dataset_shard(name)``,
+        split anew at every start of the group (``data_config`` says which are split).
         """
         began = time.monotonic()
+        if data_config is not None and not isinstance(data_config, DataConfig):
+            raise ConfigurationError(
+                f"data_config must be a DataConfig, got {type(data_config).__name__}")
         callbacks = list(callbacks or [])
         for callback in callbacks:
             if not isinstance(callback, TrainingCallback):
@@ -244,8 +257,10 @@ class Trainer:
             _check_workers_see(storage, marker, self._group)
         finally:
             storage.remove_marker(marker)
+        resolved = resolve_datasets(datasets, storage.run_url, storage.storage_options)
         history: list[dict[str, Any]] = []
         self.history = history  # rank 0's reports, for a summary even after a failure
+        history_all_ranks: list[list[dict[str, Any]]] = []
         failures, attempt, restart_cause, scaled_up = 0, -1, None, False
         while True:
             committed, next_attempt = storage.layout()
@@ -260,6 +275,8 @@ class Trainer:
             assert group is not None
             resumed_index = resume.index if resume is not None and resume.index else 0
             history[:] = [h for h in history if h["_training_iteration"] <= resumed_index]
+            history_all_ranks[:] = [h for h in history_all_ranks
+                                    if h[0]["_training_iteration"] <= resumed_index]
             record = {"attempt": attempt, "started_at": _now(), "world_size": len(group),
                       "resumed_from": redact_url(resume.path) if resume else None,
                       **_after(storage.read_attempts(), resumed_index, restart_cause),
@@ -269,7 +286,10 @@ class Trainer:
                 train_func=train_func, config=config, storage=storage,
                 backend_name=self.backend_config.name, checkpoint_config=self.checkpoint_config,
                 resume_from=resume, callbacks=callbacks, attempt=attempt, committed=committed,
-                history=history,
+                history=history, history_all_ranks=history_all_ranks,
+                dataset_shards=split_datasets(
+                    resolved, len(group), data_config or DataConfig(),
+                    [m.metadata["node_id"] for m in group.members]) if resolved else None,
                 protected={resume.manifest["directory"]} if resume and resume.manifest
                 and resume.path.startswith(storage.run_url + "/") else set(),
                 can_scale_up=self._scale_up_check(len(group)),
@@ -315,6 +335,8 @@ class Trainer:
                        for m in outcome.committed]
         return TrainResult(
             metrics=history[-1] if history else None, metrics_history=history,
+            metrics_all_ranks=history_all_ranks[-1] if history_all_ranks else [],
+            metrics_history_all_ranks=history_all_ranks,
             worker_results=outcome.returns,
             checkpoint=max(checkpoints, key=lambda c: c.index, default=None),
             best_checkpoints=_best_first(checkpoints, self.checkpoint_config),

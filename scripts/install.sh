@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install --quiet --progress-bar off -c constraints.txt)
 "${pip[@]}" --upgrade pip
 "${pip[@]}" torch
-"${pip[@]}" -e ".[torch,s3,examples,test,benchmarks]"
+"${pip[@]}" -e ".[torch,s3,data,examples,test,benchmarks]"
 "${pip[@]}" tensorflow-cpu
 "${pip[@]}" --no-deps tf-keras
 PYTHON=.venv/bin/python bash scripts/install_horovod.sh

@@ -26,6 +26,17 @@ def _install_flaky_protocol() -> None:
 
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+FLOWS = os.path.join(os.path.dirname(TESTS), "flows")
+
+
+def load_flow(name: str):
+    """A module of flows/, loaded from its file as `python flows/<name>.py` would run it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(FLOWS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ def deterministic_loop(config):
 
     ``config["kills"]``: {attempt: [epoch, step, rank]}: SIGKILL that rank there, on that
     attempt only. ``config["progress"]``: a file rank 0 writes the finished epoch to.
+    With a ``"train"`` dataset, each epoch also reads this rank's shard of it (``shard_ids``).
     """
     ctx = pd.get_context()
     rank = ctx.get_world_rank()
@@ -50,12 +51,16 @@ def deterministic_loop(config):
             optimizer.step()
             seen += len(yb)
         time.sleep(config.get("epoch_sleep", 0))
+        shard_ids = []
+        if config.get("read_dataset"):
+            for batch in pd.get_dataset_shard("train").iter_batches(batch_size=16):
+                shard_ids.extend(int(i) for i in batch["id"])
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch}, os.path.join(folder, "state.pt"))
             pd.report({"epoch": epoch, "loss": loss.item(), "world_size": ctx.get_world_size(),
-                       "samples": seen},
+                       "samples": seen, "shard_ids": shard_ids},
                       checkpoint=pd.Checkpoint.from_directory(folder) if rank == 0 else None)
         if rank == 0 and config.get("progress"):
             with open(config["progress"], "w") as handle:

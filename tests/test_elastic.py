@@ -45,7 +45,9 @@ class NodeChanges(pd.TrainingCallback):
 
 
 def test_lost_node_shrinks_the_group_and_it_grows_back(cluster, tmp_path):
+    """With a Ray Dataset: its shards follow the world size of each attempt."""
     cluster, node = cluster
+    rows = ray.data.from_items([{"id": i} for i in range(48)])  # blocks in memory: no CPU needed
     changes = NodeChanges({
         2: lambda: cluster.remove_node(node),
         4: lambda: cluster.add_node(num_cpus=2),
@@ -53,14 +55,20 @@ def test_lost_node_shrinks_the_group_and_it_grows_back(cluster, tmp_path):
     scaling = pd.ScalingConfig(num_workers=4, min_workers=2)
     with pd.Trainer(scaling=scaling, run=pd.RunConfig(name="elastic", storage=str(tmp_path)),
                     failure=pd.FailureConfig(max_failures=2)) as trainer:
-        result = trainer.fit(deterministic_loop, config={"epochs": 8, "epoch_sleep": 0.3},
-                             callbacks=[changes])
+        result = trainer.fit(deterministic_loop, config={"epochs": 8, "epoch_sleep": 0.3,
+                                                         "read_dataset": True},
+                             callbacks=[changes], datasets={"train": rows})
     sizes = [(m["epoch"], m["world_size"]) for m in result.metrics_history]
     assert [e for e, _ in sizes] == list(range(8)), "every epoch reported once, in order"
     assert sizes[0][1] == 4 and sizes[-1][1] == 4
     assert 2 in {w for _, w in sizes}, "trained on the two workers the cluster had left"
     # Data sharding follows the world size: 64 samples split over the workers of the epoch.
     assert all(m["samples"] == 64 // m["world_size"] for m in result.metrics_history)
+    # The Ray Dataset too: each epoch's shards are disjoint and together all 48 rows.
+    for ranks in result.metrics_history_all_ranks:
+        shards = [set(r["shard_ids"]) for r in ranks]
+        assert len(shards) == ranks[0]["world_size"]
+        assert sum(map(len, shards)) == 48 and set().union(*shards) == set(range(48))
     assert result.world_size == 4 and result.failures == 1
     assert [r["world_size"] for r in result.worker_results] == [4] * 4
     statuses = [a["status"] for a in trainer.storage.read_attempts()]

@@ -8,16 +8,9 @@ import os
 
 import pytest
 
+from conftest import load_flow
+
 pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
-
-FLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flows")
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(FLOWS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name,flow_name", [
@@ -28,7 +21,7 @@ def load(name: str):
 ])
 def test_quickstart_flows_train_to_a_good_accuracy(name, flow_name, tmp_path, monkeypatch):
     monkeypatch.setenv("QUICKSTART_STORAGE", str(tmp_path))
-    accuracy = getattr(load(name), flow_name)(epochs=6)
+    accuracy = getattr(load_flow(name), flow_name)(epochs=6)
     assert accuracy > 0.9
     runs = os.listdir(tmp_path)
     assert len(runs) == 1 and os.listdir(tmp_path / runs[0] / "_manifests")
