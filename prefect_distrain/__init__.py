@@ -24,7 +24,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .backends import Backend, BackendConfig, available_backends
-from .callbacks import PrintingCallback, TrainingCallback
+from . import callbacks
+from .callbacks import EarlyStopping, PrintingCallback, TrainingCallback
 from .checkpoint import Checkpoint
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from .data import DataConfig, read_dataset
@@ -37,6 +38,7 @@ from .exceptions import (
     ResourcesUnavailableError,
     UnsafeCheckpointError,
     WorkerError,
+    StopTraining,
     WorkerLostError,
 )
 from .result import TrainResult
@@ -49,6 +51,17 @@ from .session import (
 )
 from .storage import best_checkpoint, latest_checkpoint
 from .trainer import Trainer
+from .tune import (
+    ASHAScheduler,
+    MedianStoppingRule,
+    TrialScheduler,
+    TuneResult,
+    choice,
+    grid,
+    loguniform,
+    tune,
+    uniform,
+)
 
 if TYPE_CHECKING:
     from . import tensorflow, torch
@@ -72,10 +85,12 @@ _LAZY = {
 }
 
 __all__ = [
+    "ASHAScheduler", "EarlyStopping", "MedianStoppingRule", "TrialScheduler", "TuneResult",
+    "callbacks", "choice", "grid", "loguniform", "tune", "uniform",
     "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
     "CheckpointUploadError", "ConfigurationError", "DataConfig", "DistrainError", "FailureConfig",
     "HorovodConfig", "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError",
-    "RunConfig", "ScalingConfig", "TensorflowConfig", "TorchConfig", "TrainContext",
+    "RunConfig", "ScalingConfig", "StopTraining", "TensorflowConfig", "TorchConfig", "TrainContext",
     "TrainResult", "Trainer", "TrainingCallback", "UnsafeCheckpointError", "WorkerError",
     "WorkerLostError", "available_backends", "best_checkpoint", "get_checkpoint", "get_context",
     "get_dataset_shard", "latest_checkpoint", "ray_task_runner", "read_dataset", "report",

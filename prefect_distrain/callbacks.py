@@ -1,8 +1,10 @@
 """Driver-side callbacks, as in RaySGD: they see every reported iteration of every rank.
 
 ``handle_result(results, **info)`` gets one dict per worker, in rank order, once all ranks have
-reported that iteration. Callbacks run on the driver; an exception in one is logged and training
-goes on, unless the callback sets ``fatal_errors = True``.
+reported that iteration. Callbacks run on the driver, in a thread of their own: a slow callback
+never holds up ``report()`` or a commit. An exception in one is logged and training goes on,
+unless the callback sets ``fatal_errors = True``. A callback ends the run cleanly by setting
+``stop_training`` to the reason: every worker stops at its next ``report()``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ class TrainingCallback:
 
     #: Re-raise this callback's exceptions (ending the run) instead of logging them.
     fatal_errors: bool = False
+    #: Set to the reason (e.g. in ``handle_result``) to stop the run: each worker stops at its
+    #: next ``report()``, what was committed stays, and the result says it stopped early.
+    stop_training: str | None = None
 
     def start_training(self, logdir: str, config: Any, **info: Any) -> None:
         """Before the training function starts; ``logdir`` is the run's storage URL."""
@@ -70,3 +75,40 @@ class RichProgress(TrainingCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class EarlyStopping(TrainingCallback):
+    """Stops the run once rank 0's ``metric`` has not improved by more than ``min_delta`` for
+    ``patience`` reports in a row. Reports without the metric are ignored."""
+
+    def __init__(self, metric: str, mode: str = "min", patience: int = 3,
+                 min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode {mode!r}: use 'min' (lower is better) or 'max'")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a positive number of reports (got {patience!r})")
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.best: float | None = None
+        self.best_iteration: int | None = None
+        self.waited = 0
+
+    def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
+        value = results[0].get(self.metric) if results else None
+        if not isinstance(value, (int, float)) or self.stop_training:
+            return
+        gain = (self.best - value if self.mode == "min" else value - self.best) \
+            if self.best is not None else float("inf")
+        if gain > self.min_delta:
+            self.best, self.best_iteration, self.waited = value, info.get("training_iteration"), 0
+            return
+        self.waited += 1
+        if self.waited >= self.patience:
+            self.stop_training = (
+                f"early stopping: {self.metric} did not improve by more than {self.min_delta:g} "
+                f"for {self.patience} reports (best {self.best:g} at iteration "
+                f"{self.best_iteration})")
+
+
+# The experiment trackers are callbacks too: pd.callbacks.TensorBoardLogger(), MLflowLogger(...),
+# WandbLogger(...). Their libraries are imported only when a tracker is used.
+from .trackers import MLflowLogger, TensorBoardLogger, WandbLogger  # noqa: E402, F401

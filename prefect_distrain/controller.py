@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import contextvars
 import logging
+import math
 import os
 import pickle
+import queue
 import sys
 import sysconfig
 import threading
@@ -154,9 +157,11 @@ class _Commits:
     """Commits a checkpoint once every rank that reported files for it has uploaded them, then
     applies retention. Manifests are the only truth: what is not committed does not exist."""
 
-    def __init__(self, spec: RunSpec, group: WorkerGroup, logger: logging.Logger):
+    def __init__(self, spec: RunSpec, group: WorkerGroup, callbacks: _Callbacks,
+                 logger: logging.Logger):
         self.spec = spec
         self.group = group
+        self.callbacks = callbacks
         self.world_size = len(group)
         self.logger = logger
         self.committed: list[dict] = list(spec.committed)
@@ -213,9 +218,8 @@ class _Commits:
         for gone in [m for m in self.committed if m not in retained]:
             storage.delete(gone)
         self.committed = retained
-        for callback in self.spec.callbacks:
-            _call(callback, "on_checkpoint_commit", self.logger, checkpoint.without_credentials(),
-                  index=index, attempt=self.spec.attempt)
+        self.callbacks.call("on_checkpoint_commit", checkpoint.without_credentials(),
+                            index=index, attempt=self.spec.attempt)
         if self.spec.can_scale_up is not None and self.spec.can_scale_up():
             raise ScaleUp(index)
 
@@ -224,9 +228,9 @@ class _Iterations:
     """Pairs the reports of all ranks by iteration number."""
 
     def __init__(self, world_size: int, spec: RunSpec, commits: _Commits,
-                 logger: logging.Logger):
+                 callbacks: _Callbacks, logger: logging.Logger):
         self.world_size = world_size
-        self.callbacks = spec.callbacks
+        self.callbacks = callbacks
         self.commits = commits
         self.logger = logger
         self.pending: dict[int, dict[int, dict]] = {}
@@ -262,9 +266,7 @@ class _Iterations:
             self._last_log = now
             shown = {k: v for k, v in results[0].items() if not k.startswith("_")}
             self.logger.info("Iteration %d: %s", iteration, shown)
-        for callback in self.callbacks:
-            _call(callback, "handle_result", self.logger, results,
-                  training_iteration=iteration)
+        self.callbacks.call("handle_result", results, training_iteration=iteration)
 
     def flush(self) -> None:
         """Deliver what some ranks reported and others did not (a misuse, but not lost)."""
@@ -274,6 +276,50 @@ class _Iterations:
                 "Iteration %d was reported by some ranks but not by ranks %s: every rank must "
                 "call report() the same number of times", iteration, missing)
             self._deliver(iteration)
+
+
+class _Callbacks:
+    """Runs the callbacks' hooks in order on a thread of their own, in the caller's context
+    (Prefect's run context reaches artifacts made there), so that a slow callback never holds
+    up reports or commits. A fatal callback's exception waits here for the driver loop to
+    raise; the first ``stop_training`` reason goes to the workers through ``on_stop``."""
+
+    def __init__(self, callbacks: list[TrainingCallback], logger: logging.Logger,
+                 on_stop: Callable[[str], None]):
+        self.callbacks = callbacks
+        self.logger = logger
+        self.on_stop = on_stop
+        self.error: BaseException | None = None
+        self.stop_reason: str | None = None
+        self._queue: queue.Queue = queue.Queue()
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._serve,), daemon=True,
+                                        name="prefect-distrain-callbacks")
+        self._thread.start()
+
+    def call(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        self._queue.put((hook, args, kwargs))
+
+    def _serve(self) -> None:
+        while (item := self._queue.get()) is not None:
+            hook, args, kwargs = item
+            if self.error is not None and hook != "finish_training":
+                continue  # a fatal callback failed: the run is ending
+            for callback in self.callbacks:
+                try:
+                    _call(callback, hook, self.logger, *args, **kwargs)
+                except BaseException as error:  # noqa: BLE001 - raised by the driver loop
+                    self.error = self.error or error
+            reason = next((c.stop_training for c in self.callbacks if c.stop_training), None)
+            if reason and self.stop_reason is None:
+                self.stop_reason = reason
+                self.logger.info("Stopping the run: %s", reason)
+                self.on_stop(reason)
+
+    def close(self) -> None:
+        """Run what is queued (callbacks see every result), then end the thread."""
+        self._queue.put(None)
+        self._thread.join()
 
 
 def _call(callback: TrainingCallback, hook: str, logger: logging.Logger, *args, **kwargs) -> None:
@@ -289,6 +335,8 @@ def _call(callback: TrainingCallback, hook: str, logger: logging.Logger, *args, 
 class RunOutcome:
     returns: list[Any]
     committed: list[dict]
+    #: Why a callback stopped the run early, if one did.
+    stopped: str | None = None
 
 
 def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> RunOutcome:
@@ -313,45 +361,66 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
         }
         for m in group.members
     ]
-    commits = _Commits(spec, group, logger)
-    iterations = _Iterations(len(group), spec, commits, logger)
-    for callback in spec.callbacks:
-        _call(callback, "start_training", logger, redact_url(spec.storage.run_url), spec.config,
-              world_size=len(group), backend=spec.backend_name, run_name=spec.storage.name,
-              attempt=spec.attempt)
+    callbacks = _Callbacks(spec.callbacks, logger, on_stop=group.request_stop)
+    commits = _Commits(spec, group, callbacks, logger)
+    iterations = _Iterations(len(group), spec, commits, callbacks, logger)
+    # The storage (with its options) for trackers that write into the run's folder.
+    callbacks.call("start_training", redact_url(spec.storage.run_url), spec.config,
+                   world_size=len(group), backend=spec.backend_name, run_name=spec.storage.name,
+                   attempt=spec.attempt, storage=spec.storage)
     config = spec.config if spec.config is not None else {}
     generators = group.run(fn_ref, takes_config(spec.train_func), config, session_args)
     world_size = len(group)
     try:
-        returns, errors = _collect(generators, iterations, commits, spec.logs)
+        returns, errors, unfinished = _collect(generators, iterations, commits, callbacks,
+                                               spec.logs)
         if errors:
             raise _worker_failure(errors, world_size, spec)
         iterations.flush()
+        if unfinished:  # stopped, but these ranks never reached a report (e.g. in a collective)
+            logger.warning("Ranks %s did not stop within %g s of the stop; ending them",
+                           unfinished, settings.settings().stop_grace_s)
+            group.shutdown()
     except BaseException:
         group.shutdown()  # a survivor may hang in a collective: kill, don't wait
-        for callback in spec.callbacks:
-            _call(callback, "finish_training", logger, error=True)
+        callbacks.call("finish_training", error=True)
+        callbacks.close()
         raise
     for index in sorted(commits.waiting):
         logger.warning("Checkpoint %d was not committed: not every rank reported it", index)
-    for callback in spec.callbacks:
-        _call(callback, "finish_training", logger, error=False)
-    return RunOutcome(returns, commits.committed)
+    callbacks.call("finish_training", error=False)
+    callbacks.close()
+    if callbacks.error is not None:
+        raise callbacks.error
+    return RunOutcome(returns, commits.committed, callbacks.stop_reason)
+
+
+#: How often the driver loop looks at the callbacks (a fatal error, a stop) while it waits.
+_CALLBACK_POLL_S = 0.5
 
 
 def _collect(generators: list, iterations: _Iterations, commits: _Commits,
-             logs: WorkerLogs | None) -> tuple[list[Any], dict[int, Any]]:
+             callbacks: _Callbacks, logs: WorkerLogs | None
+             ) -> tuple[list[Any], dict[int, Any], list[int]]:
     """Read every rank's outbox until each returns or fails; after the first failure, wait
-    only a short window for the other ranks' outcomes."""
+    only a short window for the other ranks' outcomes, and after a stop, the grace period."""
     pending = {gen: rank for rank, gen in enumerate(generators)}
     returns: list[Any] = [None] * len(generators)
     errors: dict[int, Any] = {}
     gather_deadline: float | None = None
     while pending:
-        timeout = None if gather_deadline is None else max(0.0, gather_deadline - time.monotonic())
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+        if callbacks.error is not None:
+            raise callbacks.error
+        if callbacks.stop_reason is not None and gather_deadline is None:
+            gather_deadline = time.monotonic() + settings.settings().stop_grace_s
+        wait = _CALLBACK_POLL_S if callbacks.callbacks else None
+        if gather_deadline is not None:
+            wait = min(wait or math.inf, max(0.0, gather_deadline - time.monotonic()))
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
         if not ready:
-            break  # the other ranks' outcomes did not come within the gather window
+            if gather_deadline is not None and time.monotonic() >= gather_deadline:
+                break  # the other ranks' outcomes did not come within the window
+            continue
         for gen in ready:
             rank = pending[gen]
             try:
@@ -380,7 +449,7 @@ def _collect(generators: list, iterations: _Iterations, commits: _Commits,
                         errors[rank] = payload
                         if gather_deadline is None:
                             gather_deadline = time.monotonic() + settings.settings().error_gather_timeout_s
-    return returns, errors
+    return returns, errors, sorted(pending.values())
 
 
 def _worker_failure(errors: dict[int, Any], world_size: int, spec: RunSpec) -> BaseException:

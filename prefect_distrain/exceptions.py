@@ -107,3 +107,9 @@ class UnsafeCheckpointError(DistrainError):
 def _rebuild(cls, args, state):
     error = cls(*args, **state)
     return error
+
+
+class StopTraining(BaseException):
+    """Raised by ``report()`` on a worker once a callback has stopped the run (e.g. early
+    stopping): it ends the training function cleanly. A BaseException, so that a loop's
+    ``except Exception`` does not swallow it. Not a failure: no restart, no retry."""

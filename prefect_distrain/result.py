@@ -34,6 +34,8 @@ class TrainResult:
     best_checkpoints: list[tuple[Checkpoint, dict[str, Any]]] = field(default_factory=list)
     attempt: int = 0
     failures: int = 0
+    #: Why a callback (e.g. EarlyStopping) ended the run before the function returned.
+    stopped_early: str | None = None
     metrics_all_ranks: list[dict[str, Any]] = field(default_factory=list)
     metrics_history_all_ranks: list[list[dict[str, Any]]] = field(default_factory=list)
     wall_time_s: float = field(default=0.0, compare=False)

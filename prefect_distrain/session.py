@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
 from .checkpoint import Checkpoint
+from .exceptions import StopTraining
 from .storage import RunStorage
 
 
@@ -127,6 +128,8 @@ class _Session:
     training_loader_claimed: bool = False
     _last_metrics: dict[str, Any] = field(default_factory=dict)
     _last_auto_pass: int = 0
+    #: Set by the driver when a callback stopped the run: the next report() ends the function.
+    stop_reason: str | None = None
 
     @property
     def passes_done_at_resume(self) -> int:
@@ -193,6 +196,11 @@ class _Session:
         result["_training_iteration"] = self.iteration
         self.last_report_time = now
         self._raise_failed_upload()
+        self._send(result, checkpoint)
+        if self.stop_reason is not None:
+            raise StopTraining(self.stop_reason)
+
+    def _send(self, result: dict[str, Any], checkpoint: Checkpoint | None) -> None:
         if checkpoint is None:
             self.outbox.put(("report", {"metrics": result, "checkpoint": None}))
             return
@@ -244,7 +252,10 @@ class _Session:
         """After the training function returns: in mode "auto" its final state is committed;
         its last upload must land or fail loudly."""
         if self.passes_begun > max(self._last_auto_pass, self.passes_done_at_resume):
-            self.auto_checkpoint(self.passes_begun)
+            try:
+                self.auto_checkpoint(self.passes_begun)
+            except StopTraining:
+                pass  # committed all the same: the run ends here anyway
         self.wait_for_upload()
         self._raise_failed_upload()
 
@@ -292,6 +303,8 @@ def _session(caller: str) -> _Session:
 def report(metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None) -> None:
     """Send metrics (and optionally a checkpoint) from this worker to the driver.
 
+    Once a callback has stopped the run (e.g. ``EarlyStopping``), it sends this report and
+    then raises ``StopTraining``, which ends the training function cleanly.
     Without a checkpoint: returns at once. With one: returns once it is committed (sync upload,
     waiting for every rank's report of this iteration) or staged locally (async upload).
     Every rank must call it the same number of times.

@@ -32,6 +32,10 @@ class DistrainSettings(BaseSettings):
     shutdown_timeout_s: float = Field(
         default=10.0, gt=0, description="A graceful backend shutdown before the workers are "
                                         "killed anyway.")
+    stop_grace_s: float = Field(
+        default=30.0, ge=0, description="After a callback stops the run, how long the workers "
+        "have to reach their next report(); a rank still running then (e.g. waiting in a "
+        "collective for a rank that already stopped) is ended. Committed checkpoints are kept.")
     error_gather_timeout_s: float = Field(
         default=2.0, ge=0, description="After the first worker fails, how long to wait for the "
         "other ranks' outcomes: long enough to see that every rank hit the same bug, short "

@@ -200,6 +200,8 @@ def train(
         if trainer.storage is not None:
             _publish(trainer, result, error, time.monotonic() - began, logger)
     publish_checkpoint_table(result)
+    if result.stopped_early:
+        logger.info("The run stopped early (%s); it is complete, not failed", result.stopped_early)
     logger.info("Training finished in %.1f s on %d worker(s); final metrics: %s",
                 time.monotonic() - began, result.world_size,
                 {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")})

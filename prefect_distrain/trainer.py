@@ -328,7 +328,10 @@ class Trainer:
                                     "unlimited" if self.failure_config.max_failures == -1
                                     else self.failure_config.max_failures)
                 continue
-            storage.record_attempt({**record, "status": "completed", "ended_at": _now(),
+            if not group.started:  # a stop ended ranks that did not reach a report
+                self._discard_group()
+            storage.record_attempt({**record, "status": "stopped" if outcome.stopped else
+                                    "completed", "ended_at": _now(), "cause": outcome.stopped,
                                     "last_reported": _last_reported(history)})
             break
         checkpoints = [storage.checkpoint(m["directory"], m).without_credentials()
@@ -342,7 +345,8 @@ class Trainer:
             best_checkpoints=_best_first(checkpoints, self.checkpoint_config),
             run_name=storage.name, path=redact_url(storage.run_url),
             backend=self.backend_config.name, world_size=len(group), attempt=attempt,
-            failures=failures, wall_time_s=time.monotonic() - began)
+            failures=failures, stopped_early=outcome.stopped,
+            wall_time_s=time.monotonic() - began)
 
     def _scale_up_check(self, size: int) -> Callable[[], bool] | None:
         missing = self.scaling.num_workers - size
@@ -415,7 +419,7 @@ def _last_reported(history: list[dict[str, Any]]) -> int | None:
 def _after(ledger: list[dict], resumed_index: int, restart_cause: str | None) -> dict[str, Any]:
     """Why this attempt started and how many reported steps it must do again."""
     previous = ledger[-1] if ledger else None
-    if previous is None or previous["status"] == "completed":
+    if previous is None or previous["status"] in ("completed", "stopped"):
         return {"restarted_because": restart_cause, "steps_redone": 0}
     cause = restart_cause or previous.get("cause") or "the driver was lost (no outcome recorded)"
     last = previous.get("last_reported")

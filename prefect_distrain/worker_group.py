@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from . import settings
 from .config import ScalingConfig
-from .exceptions import ConfigurationError, ResourcesUnavailableError
+from .exceptions import ConfigurationError, ResourcesUnavailableError, StopTraining
 from .logs import capture
 from .session import WorkerInfo, _Session, _set_session
 from .storage import RunStorage
@@ -67,6 +67,10 @@ class TrainWorker:
         """Runs beside ``run`` (the actor has two threads): wakes a waiting sync report."""
         self.session.acknowledge_commit(index)
 
+    def request_stop(self, reason: str) -> None:
+        """Runs beside ``run``: the training function ends at its next ``report()``."""
+        self.session.stop_reason = reason
+
     def run(self, fn_blob: bytes, pass_config: bool, config: Any,
             session_args: dict[str, Any]) -> Iterator:
         """Run the training function in a thread and yield its outbox: reports, log lines and
@@ -80,7 +84,10 @@ class TrainWorker:
             try:
                 fn = cloudpickle.loads(fn_blob)
                 with capture(session.outbox):
-                    value = fn(config) if pass_config else fn()
+                    try:
+                        value = fn(config) if pass_config else fn()
+                    except StopTraining:
+                        value = None  # a callback stopped the run: not a failure
                 session.finish()
                 session.outbox.put(("done", value))
             except BaseException as error:  # noqa: BLE001 - every outcome must reach the driver
@@ -215,24 +222,50 @@ def check_cluster_can_hold(scaling: ScalingConfig) -> None:
             f"(cluster: {_describe(totals)}). Set use_gpu=False to train on CPUs, or connect "
             "to a cluster with GPU nodes (ray_address=... or RAY_ADDRESS)",
             requested=bundle, available=totals)
-    fits = [_fits_per_node(bundle, n["Resources"]) for n in nodes]
+    held_on, held = held_by_caller()
     n = scaling.least_workers
     strategy = scaling.placement_strategy
-    if strategy == "STRICT_PACK":
-        holdable = max(fits, default=0)
-    elif strategy == "STRICT_SPREAD":
-        holdable = sum(1 for f in fits if f >= 1)
-    else:
-        holdable = sum(fits)
+
+    def holdable_with(held: dict[str, float]) -> int:
+        fits = [_fits_per_node(bundle, {k: v - held.get(k, 0.0) if node["NodeID"] == held_on
+                                        else v for k, v in node["Resources"].items()})
+                for node in nodes]
+        if strategy == "STRICT_PACK":
+            return max(fits, default=0)
+        if strategy == "STRICT_SPREAD":
+            return sum(1 for f in fits if f >= 1)
+        return sum(fits)
+
+    holdable = holdable_with(held)
     if holdable < n and not settings.settings().allow_autoscaling:
         at_least = "at least " if scaling.min_workers else ""
+        cluster = f"(cluster: {_describe(totals)} on {len(nodes)} node(s))"
+        message = (f"ScalingConfig asks for {at_least}{n} workers of {_describe(bundle)} each "
+                   f"({strategy}), but this Ray cluster can hold at most {holdable}")
+        if held and holdable_with({}) >= n:  # it would fit but for what the caller holds
+            message += (
+                f" beside the Ray task that runs this train, which holds {_describe(held)} "
+                f"itself (e.g. a task of prefect-ray's RayTaskRunner) {cluster}. Submit train "
+                "with no CPUs of its own: `with prefect_ray.context.remote_options(num_cpus=0): "
+                "pd.train.submit(...)`, or run the flow on `pd.ray_task_runner(...)`, which "
+                "does so; or lower")
+        else:
+            message += f" {cluster}. Lower"
         raise ResourcesUnavailableError(
-            f"ScalingConfig asks for {at_least}{n} workers of {_describe(bundle)} each "
-            f"({strategy}), but this Ray cluster can hold at most {holdable} "
-            f"(cluster: {_describe(totals)} on {len(nodes)} node(s)). Lower num_workers or "
-            "resources_per_worker, or connect to a larger cluster (ray_address=...). On a "
-            f"cluster with an autoscaler set {settings.ALLOW_AUTOSCALING_ENV}=1 to wait instead",
+            f"{message} num_workers or resources_per_worker, or connect to a larger cluster "
+            f"(ray_address=...). On a cluster with an autoscaler set "
+            f"{settings.ALLOW_AUTOSCALING_ENV}=1 to wait instead",
             requested={k: v * n for k, v in bundle.items()}, available=totals)
+
+
+def held_by_caller() -> tuple[str | None, dict[str, float]]:
+    """(node id, resources) that the Ray task or actor calling this holds, e.g. the task of
+    prefect-ray's RayTaskRunner that runs ``train``; (None, {}) in a driver."""
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None, {}
+    held = {k: v for k, v in context.get_assigned_resources().items() if v > 0}
+    return context.get_node_id(), held
 
 
 def _describe(resources: dict[str, float]) -> str:
@@ -311,6 +344,11 @@ class WorkerGroup:
     def execute_single(self, rank: int, fn: Callable, *args: Any,
                        timeout: float | None = None) -> Any:
         return ray.get(self.members[rank].actor.execute.remote(fn, *args), timeout=timeout)
+
+    def request_stop(self, reason: str) -> None:
+        """Tell every worker to end its training function at its next ``report()``."""
+        for member in self.members:
+            member.actor.request_stop.remote(reason)
 
     def acknowledge_commit(self, index: int, ranks: list[int]) -> None:
         """Tell the ranks that reported files for checkpoint ``index`` that it is committed."""

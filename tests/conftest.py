@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest  # noqa: E402
 import ray  # noqa: E402
+import sklearn  # noqa: E402, F401 - the flows import it; it sets KMP_* variables on first import
 
 
 def _install_flaky_protocol() -> None:
@@ -101,12 +102,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_serving(url: str, server, timeout: float) -> None:
+    """Until ``url`` answers; RuntimeError if the server process ends or time runs out."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"the server for {url} did not start") from None
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint():
     """An S3 endpoint: ``moto_server`` in its own process on 127.0.0.1, stopped by handle."""
     import subprocess
     import sys
-    import urllib.request
 
     port = _free_port()
     server = subprocess.Popen(
@@ -114,15 +129,7 @@ def moto_endpoint():
          "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
+        wait_until_serving(endpoint + "/moto-api/", server, timeout=30)
         yield endpoint
     finally:
         server.terminate()

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import ray
-import sklearn  # noqa: F401 - the flow imports it; it sets KMP_* variables on first import
 import torch
 
 import prefect_distrain as pd

@@ -4,7 +4,6 @@ Skipped on machines without a CUDA GPU (CI has none)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -1,0 +1,437 @@
+"""Hyperparameter sweeps as Prefect flows: every trial is a ``train`` task run.
+
+```python
+result = pd.tune(train_loop, search_space={"lr": pd.grid([1e-3, 1e-2]), "hidden": pd.choice([64, 128])},
+                 num_samples=2, metric="val_loss", mode="min", max_concurrent_trials=2,
+                 scheduler=pd.ASHAScheduler(grace_period=1, reduction_factor=2),
+                 scaling=pd.ScalingConfig(num_workers=2), run=pd.RunConfig(name="sweep", storage=...))
+result.best_config, result.best_checkpoint
+```
+The sweep is a flow (a subflow inside yours); each trial a ``train`` task with its own run
+(``<sweep>/trial_NNN`` in storage) and checkpoints, at most ``max_concurrent_trials`` (and what
+the cluster holds) at once. A scheduler stops bad trials from their reports: a stopped trial ends
+cleanly at its next ``report()``, checkpoints kept. A failed trial is recorded with its error and
+the sweep goes on. Each trial's outcome is written to ``<sweep>/_trials/``: a Prefect retry of the
+sweep (or of the flow around it) reuses finished trials and resumes the others from their
+latest checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import random
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .callbacks import TrainingCallback
+from .checkpoint import Checkpoint
+from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from .exceptions import ConfigurationError
+from .storage import RunStorage, redact_url
+
+# -- the search space ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class grid:  # noqa: N801 - named like Ray Tune's tune.grid_search
+    """Every value, in every sample: the grid is the product of all ``grid`` entries."""
+
+    values: list[Any]
+
+
+@dataclass(frozen=True)
+class choice:  # noqa: N801
+    """One value drawn at random per trial."""
+
+    values: list[Any]
+
+    def sample(self, rng: random.Random) -> Any:
+        return rng.choice(self.values)
+
+
+@dataclass(frozen=True)
+class uniform:  # noqa: N801
+    low: float
+    high: float
+
+    def sample(self, rng: random.Random) -> float:
+        return rng.uniform(self.low, self.high)
+
+
+@dataclass(frozen=True)
+class loguniform:  # noqa: N801
+    low: float
+    high: float
+
+    def sample(self, rng: random.Random) -> float:
+        return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+
+
+def trial_configs(search_space: dict[str, Any], num_samples: int = 1,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """``num_samples`` x the grid's product; random entries drawn per trial (seeded, so a
+    retried sweep draws the same configs); plain values passed as they are."""
+    if not isinstance(search_space, dict) or not search_space:
+        raise ConfigurationError(
+            "search_space takes a dict of name -> pd.grid([...]) / pd.choice([...]) / "
+            "pd.uniform(a, b) / a plain value")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigurationError(f"num_samples must be at least 1 (got {num_samples!r})")
+    for name, value in search_space.items():
+        if isinstance(value, (grid, choice)) and not value.values:
+            raise ConfigurationError(f"search_space[{name!r}] has no values to try")
+    rng = random.Random(seed)
+    grids = [(k, v.values) for k, v in search_space.items() if isinstance(v, grid)]
+    configs = []
+    for _ in range(num_samples):
+        for combination in itertools.product(*(values for _, values in grids)):
+            chosen = dict(zip((k for k, _ in grids), combination))
+            configs.append({k: chosen[k] if isinstance(v, grid) else
+                            v.sample(rng) if hasattr(v, "sample") else v
+                            for k, v in search_space.items()})
+    return configs
+
+
+# -- schedulers that stop bad trials ------------------------------------------------------------
+
+
+class TrialScheduler:
+    """Decides from each report of a trial whether it goes on. Thread-safe: trials run in
+    parallel threads of the sweep."""
+
+    metric: str | None = None
+    mode: str | None = None
+
+    def bind(self, metric: str, mode: str) -> None:
+        self.metric = self.metric or metric
+        self.mode = self.mode or mode
+        self._lock = threading.Lock()
+
+    def _score(self, result: dict[str, Any]) -> float | None:
+        value = result.get(self.metric)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        return float(value) if self.mode == "max" else -float(value)  # higher is better
+
+    def should_stop(self, trial: str, result: dict[str, Any]) -> str | None:
+        """The reason to stop ``trial`` after this report, or None."""
+        raise NotImplementedError
+
+
+class ASHAScheduler(TrialScheduler):
+    """Asynchronous successive halving (Ray Tune's ASHA, one bracket): at each rung (``time_attr``
+    = grace_period x reduction_factor^k), a trial goes on only if it is in the best
+    1/reduction_factor of the trials that reached that rung before it."""
+
+    def __init__(self, time_attr: str = "_training_iteration", grace_period: int = 1,
+                 reduction_factor: float = 3, max_t: int = 100, metric: str | None = None,
+                 mode: str | None = None):
+        if grace_period < 1 or reduction_factor <= 1 or max_t < grace_period:
+            raise ConfigurationError(
+                "ASHAScheduler needs grace_period >= 1, reduction_factor > 1 and max_t >= "
+                "grace_period")
+        self.time_attr, self.rf, self.max_t = time_attr, reduction_factor, max_t
+        self.metric, self.mode = metric, mode
+        milestones, t = [], grace_period
+        while t < max_t:
+            milestones.append(t)
+            t *= reduction_factor
+        self.rungs: dict[float, dict[str, float]] = {m: {} for m in reversed(milestones)}
+
+    def should_stop(self, trial: str, result: dict[str, Any]) -> str | None:
+        score, t = self._score(result), result.get(self.time_attr)
+        if score is None or not isinstance(t, (int, float)):
+            return None
+        with self._lock:
+            for milestone, recorded in self.rungs.items():  # the highest rung reached first
+                if t < milestone or trial in recorded:
+                    continue
+                others = list(recorded.values())
+                recorded[trial] = score
+                if others:
+                    cutoff = _percentile(others, 1 - 1 / self.rf)
+                    if score < cutoff:
+                        return (f"ASHA: {self.metric} at {self.time_attr}={t:g} is not in the "
+                                f"best 1/{self.rf:g} of the {len(others)} trial(s) there")
+                break
+        if t >= self.max_t:
+            return f"ASHA: reached max_t={self.max_t}"
+        return None
+
+
+class MedianStoppingRule(TrialScheduler):
+    """Stops a trial whose best result so far is worse than the median of the other trials'
+    running means at the same ``time_attr`` (Ray Tune's median stopping rule)."""
+
+    def __init__(self, time_attr: str = "_training_iteration", grace_period: float = 1,
+                 min_samples_required: int = 2, metric: str | None = None,
+                 mode: str | None = None):
+        self.time_attr, self.grace_period = time_attr, grace_period
+        self.min_samples_required = min_samples_required
+        self.metric, self.mode = metric, mode
+        self.history: dict[str, list[tuple[float, float]]] = {}
+
+    def should_stop(self, trial: str, result: dict[str, Any]) -> str | None:
+        score, t = self._score(result), result.get(self.time_attr)
+        if score is None or not isinstance(t, (int, float)):
+            return None
+        with self._lock:
+            self.history.setdefault(trial, []).append((t, score))
+            if t < self.grace_period:
+                return None
+            means = [statistics.fmean(s for u, s in points if u <= t)
+                     for other, points in self.history.items()
+                     if other != trial and any(u <= t for u, _ in points)
+                     and max(u for u, _ in points) >= t]
+            if len(means) < self.min_samples_required:
+                return None
+            median = statistics.median(means)
+            best = max(s for _, s in self.history[trial])
+            if best < median:
+                return (f"median stopping: best {self.metric} so far is worse than the median "
+                        f"of {len(means)} other trial(s) at {self.time_attr}={t:g}")
+        return None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class _TrialSupervisor(TrainingCallback):
+    """Feeds a trial's reports (rank 0) to the scheduler; stops the trial when it says so."""
+
+    def __init__(self, scheduler: TrialScheduler, trial: str):
+        self.scheduler, self.trial = scheduler, trial
+
+    def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
+        if results and not self.stop_training:
+            self.stop_training = self.scheduler.should_stop(self.trial, results[0])
+
+
+# -- the sweep ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The sweep's outcome: the best trial's config, checkpoint and metrics, and every trial's
+    record (config, status, final and best metric, error, run path), best first."""
+
+    metric: str
+    mode: str
+    best_config: dict[str, Any] | None
+    best_checkpoint: Checkpoint | None
+    best_metrics: dict[str, Any] | None
+    best_trial: str | None
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    sweep: str = ""
+    path: str = ""
+
+
+def tune(train_loop: Callable, *, search_space: dict[str, Any], metric: str, mode: str = "min",
+         num_samples: int = 1, max_concurrent_trials: int | None = None,
+         scheduler: TrialScheduler | None = None, config: dict[str, Any] | None = None,
+         backend: Any = "torch", scaling: ScalingConfig | None = None,
+         run: RunConfig | None = None, checkpoint: CheckpointConfig | None = None,
+         failure: FailureConfig | None = None, callbacks: list[TrainingCallback] | None = None,
+         scope: str = "last", seed: int = 0, ray_address: str | None = None,
+         ray_init_kwargs: dict[str, Any] | None = None, ray_cluster: Any = None) -> TuneResult:
+    """Run a sweep of ``train`` trials as a Prefect flow (a subflow inside a flow).
+
+    Each trial's config is ``config`` updated with one point of ``search_space``. The best
+    trial is the one with the best ``metric`` (``mode`` "min" or "max") in its last report
+    (``scope="last"``) or in any report (``scope="all"``). ``run`` names the sweep and its
+    storage; by default the name is stable within a flow run, so a retry finds its trials.
+    """
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from .worker_group import ray_connection
+
+    if mode not in ("min", "max") or scope not in ("last", "all"):
+        raise ConfigurationError(f"mode {mode!r} / scope {scope!r}: use mode 'min' or 'max', "
+                                 "scope 'last' or 'all'")
+    configs = [{**(config or {}), **point} for point in trial_configs(search_space, num_samples,
+                                                                       seed)]
+    scaling = scaling or ScalingConfig()
+    run = run or RunConfig()
+    if run.name is None:
+        run = dataclasses.replace(run, name=_sweep_name(train_loop, search_space, num_samples))
+    if ray_cluster is not None:
+        ray_address, ray_init_kwargs = ray_cluster.ray_init_arguments()
+    with ray_connection(ray_address, ray_init_kwargs):  # one Ray for every trial of the sweep
+        concurrency = min(max_concurrent_trials or len(configs), len(configs),
+                          max(1, _trials_the_cluster_holds(scaling)))
+        sweep = _sweep_flow.with_options(
+            name=f"tune-{getattr(train_loop, '__name__', 'train')}",
+            flow_run_name=f"sweep-{run.name}",
+            task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
+        return sweep(train_loop, configs, metric, mode, scope, scheduler, backend, scaling, run,
+                     checkpoint, failure, callbacks or [])
+
+
+def _trials_the_cluster_holds(scaling: ScalingConfig) -> int:
+    import ray
+
+    total = ray.cluster_resources()
+    group = {k: v * scaling.least_workers for k, v in scaling.worker_resources.items()}
+    return min(math.floor(total.get(k, 0.0) / v + 1e-9) for k, v in group.items())
+
+
+def _sweep_name(train_loop: Callable, search_space: dict, num_samples: int) -> str:
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    flow_run = context.flow_run.id.hex[:8] if context and context.flow_run else "standalone"
+    digest = hashlib.sha1(repr((getattr(train_loop, "__qualname__", ""), search_space,
+                                num_samples)).encode()).hexdigest()[:6]
+    name = "".join(c if c.isalnum() or c in "._-" else "_"
+                   for c in getattr(train_loop, "__name__", "train")).strip("_") or "train"
+    return f"{name}-sweep-{flow_run}-{digest}"
+
+
+def _record_path(storage: RunStorage, trial: str) -> str:
+    return f"{storage.run_url}/_trials/{trial}.json"
+
+
+def _read_record(storage: RunStorage, trial: str) -> dict[str, Any] | None:
+    fs, _ = storage.filesystem()
+    path = fs._strip_protocol(_record_path(storage, trial))
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))
+
+
+def _write_record(storage: RunStorage, record: dict[str, Any]) -> None:
+    fs, _ = storage.filesystem()
+    path = fs._strip_protocol(_record_path(storage, record["trial"]))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps(record, indent=1, default=str).encode())
+
+
+def _sweep(train_loop: Callable, configs: list[dict], metric: str, mode: str, scope: str,
+           scheduler: TrialScheduler | None, backend: Any, scaling: ScalingConfig,
+           run: RunConfig, checkpoint: CheckpointConfig | None, failure: FailureConfig | None,
+           callbacks: list[TrainingCallback]) -> TuneResult:
+    from prefect.futures import as_completed
+    from prefect.logging import get_run_logger
+
+    from .tasks import train
+
+    logger = get_run_logger()
+    url, options = run.resolved_storage()
+    storage = RunStorage(url, run.name, options)
+    if scheduler is not None:
+        scheduler.bind(metric, mode)
+    records: dict[str, dict[str, Any]] = {}
+    futures = {}
+    for number, trial_config in enumerate(configs):
+        trial = f"trial_{number:03d}"
+        earlier = _read_record(storage, trial)
+        if earlier and earlier["status"] in ("completed", "stopped") \
+                and earlier["config"] == json.loads(json.dumps(trial_config, default=str)):
+            records[trial] = {**earlier, "reused": True}
+            if scheduler is not None:  # the scheduler knows the finished trials' reports
+                for result in earlier["history"]:
+                    scheduler.should_stop(trial, result)
+            continue
+        trial_callbacks = list(callbacks)
+        if scheduler is not None:
+            trial_callbacks.append(_TrialSupervisor(scheduler, trial))
+        futures[train.with_options(task_run_name=f"{trial}", retries=0).submit(
+            train_loop, backend=backend, config=trial_config, scaling=scaling,
+            run=dataclasses.replace(run, name=trial, storage=storage.run_url,
+                                    storage_options=options),
+            checkpoint=checkpoint, failure=failure, resume_from_checkpoint="latest",
+            callbacks=trial_callbacks)] = (trial, trial_config, time.time())
+    if records:
+        logger.info("Reusing %d finished trial(s) of sweep %r from storage", len(records),
+                    run.name)
+    for future in as_completed(list(futures)):
+        trial, trial_config, began = futures[future]
+        outcome = future.result(raise_on_failure=False)
+        records[trial] = _trial_record(trial, trial_config, outcome, metric, mode, began)
+        _write_record(storage, records[trial])
+        logger.info("Trial %s %s: %s=%s", trial, records[trial]["status"], metric,
+                    records[trial]["final"])
+    ordered = sorted(records.values(), key=lambda r: (_rank_key(r, scope, mode), r["trial"]))
+    best = ordered[0] if ordered and _rank_key(ordered[0], scope, mode)[0] == 0 else None
+    _publish_trials(run.name, ordered, metric, scope)
+    return TuneResult(
+        metric=metric, mode=mode, best_config=best["config"] if best else None,
+        best_checkpoint=Checkpoint(best["checkpoint"]) if best and best["checkpoint"] else None,
+        best_metrics=best["metrics"] if best else None, best_trial=best["trial"] if best else None,
+        trials=ordered, sweep=run.name, path=redact_url(storage.run_url))
+
+
+def _trial_record(trial: str, trial_config: dict, outcome: Any, metric: str, mode: str,
+                  began: float) -> dict[str, Any]:
+    ended = time.time()
+    record: dict[str, Any] = {"trial": trial, "config": json.loads(json.dumps(
+        trial_config, default=str)), "submitted": began, "ended": ended}
+    if isinstance(outcome, BaseException):
+        return {**record, "status": "failed", "error": f"{type(outcome).__name__}: {outcome}"[:500],
+                "final": None, "best": None, "metrics": None, "checkpoint": None, "history": []}
+    values = [m[metric] for m in outcome.metrics_history
+              if isinstance(m.get(metric), (int, float))]
+    history = [{k: v for k, v in m.items() if isinstance(v, (int, float))}
+               for m in outcome.metrics_history]
+    best_checkpoint = outcome.best_checkpoints[0][0] if outcome.best_checkpoints else None
+    return {**record, "started": ended - outcome.wall_time_s,
+            "status": "stopped" if outcome.stopped_early else "completed",
+            "stopped_because": outcome.stopped_early, "error": None,
+            "final": values[-1] if values else None,
+            "best": (min if mode == "min" else max)(values) if values else None,
+            "reports": len(outcome.metrics_history), "metrics": outcome.metrics,
+            "checkpoint": best_checkpoint.path if best_checkpoint else None,
+            "run_path": outcome.path, "history": history}
+
+
+def _rank_key(record: dict[str, Any], scope: str, mode: str) -> tuple[int, float]:
+    value = record["final" if scope == "last" else "best"]
+    if value is None:
+        return (1, 0.0)
+    return (0, value if mode == "min" else -value)
+
+
+def _publish_trials(sweep: str, ordered: list[dict[str, Any]], metric: str, scope: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    from .artifacts import artifact_key, checkpoint_link
+
+    rows = [{"trial": r["trial"], "config": json.dumps(r["config"], default=str),
+             f"final {metric}": r["final"], f"best {metric}": r["best"], "status": r["status"],
+             "reports": r.get("reports"), "why": r.get("error") or r.get("stopped_because") or "-",
+             "checkpoint": checkpoint_link(r["checkpoint"]) if r["checkpoint"] else "-"}
+            for r in ordered]
+    create_table_artifact(table=rows, key=f"{artifact_key(sweep)}-trials",
+                          description=f"Trials of sweep {sweep!r}, best first by {metric} "
+                                      f"({scope} report)")
+
+
+def _make_sweep_flow():
+    from prefect import flow
+
+    return flow(name="tune", validate_parameters=False, log_prints=True)(_sweep)
+
+
+class _LazyFlow:
+    """The sweep flow, built on first use so that importing this module needs no Prefect."""
+
+    _flow = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _LazyFlow._flow is None:
+            _LazyFlow._flow = _make_sweep_flow()
+        return getattr(_LazyFlow._flow, name)
+
+
+_sweep_flow = _LazyFlow()

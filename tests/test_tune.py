@@ -1,0 +1,117 @@
+"""Sweeps as Prefect flows: the best learning rate found among trials run 2 at a time, a bad
+trial stopped early by ASHA, a trial killed for good recorded as failed, and a Prefect retry
+that reuses the finished trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from prefect import flow
+from prefect.runtime import flow_run
+
+import prefect_distrain as pd
+from prefect_distrain.artifacts import artifact_key
+from conftest import load_flow
+
+pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
+
+
+def read_table(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key])))
+
+
+def test_sweep_of_four_trials_two_at_a_time_finds_the_best_learning_rate(tmp_path):
+    result = load_flow("sweep").sweep(storage=str(tmp_path), epochs=3, early_stopping=False)
+    trials = result.trials
+    assert len(trials) == 4 and {t["status"] for t in trials} == {"completed"}
+    best = max(trials, key=lambda t: t["final"])
+    assert result.best_config == best["config"] and result.best_trial == best["trial"]
+    assert [t["final"] for t in trials] == sorted((t["final"] for t in trials), reverse=True)
+    assert result.best_metrics["accuracy"] == best["final"] > 0.9
+    # Never more than 2 trials at once.
+    events = sorted([(t["started"], 1) for t in trials] + [(t["ended"], -1) for t in trials])
+    running, peak = 0, 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    assert peak <= 2
+    # Each trial is a run of its own, with its checkpoints, under the sweep's folder.
+    sweep_dir = tmp_path / result.sweep
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.startswith("trial_")) == \
+        [f"trial_{i:03d}" for i in range(4)]
+    assert result.best_checkpoint.path.startswith(str(sweep_dir / best["trial"]))
+    [table] = read_table(f"{artifact_key(result.sweep)}-trials")
+    assert '"final accuracy"' in table.data and "trial_" in table.data
+
+
+def tiny_loop(config):
+    """lr 0 never learns; a negative lr stands for a trial whose worker dies every time."""
+    import tempfile
+
+    import torch
+
+    if config["lr"] < 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = x.sum(1, keepdim=True)
+    model = pd.torch.prepare_model(torch.nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    for epoch in range(config["epochs"]):
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"epoch": epoch}, os.path.join(folder, "state.pt"))
+            pd.report({"epoch": epoch, "loss": loss.item()},
+                      checkpoint=pd.Checkpoint.from_directory(folder))
+
+
+def test_asha_stops_a_bad_trial_and_a_dead_trial_is_recorded_failed(tmp_path):
+    result = pd.tune(tiny_loop, search_space={"lr": pd.grid([0.1, 0.05, 0.0, -1.0])},
+                     config={"epochs": 6}, metric="loss", mode="min", max_concurrent_trials=2,
+                     scheduler=pd.ASHAScheduler(grace_period=1, reduction_factor=2, max_t=6),
+                     scaling=pd.ScalingConfig(num_workers=1),
+                     run=pd.RunConfig(name="asha", storage=str(tmp_path)))
+    by_lr = {t["config"]["lr"]: t for t in result.trials}
+    bad, dead = by_lr[0.0], by_lr[-1.0]
+    assert bad["status"] == "stopped" and bad["reports"] < 6, bad
+    assert bad["stopped_because"].startswith("ASHA: loss at _training_iteration=")
+    assert bad["checkpoint"] is not None, "a stopped trial keeps its checkpoints"
+    assert os.listdir(tmp_path / "asha" / bad["trial"] / "_manifests")
+    assert dead["status"] == "failed" and dead["error"].startswith("WorkerLostError")
+    assert result.best_config["lr"] in (0.1, 0.05)
+    assert result.trials[-1] is dead, "failed trials sort last"
+
+
+def test_a_prefect_retry_of_the_flow_reuses_finished_trials(tmp_path):
+    @flow(retries=1, retry_delay_seconds=0)
+    def sweep_then_fail_once():
+        result = pd.tune(tiny_loop, search_space={"lr": pd.grid([0.1, 0.05])},
+                         config={"epochs": 2}, metric="loss", mode="min",
+                         scaling=pd.ScalingConfig(num_workers=1),
+                         run=pd.RunConfig(storage=str(tmp_path)))
+        if flow_run.run_count == 1:
+            raise RuntimeError("the flow failed after its sweep")
+        return result
+
+    result = sweep_then_fail_once()
+    assert [t.get("reused") for t in result.trials] == [True, True]
+    assert {t["status"] for t in result.trials} == {"completed"}
+    assert len(os.listdir(tmp_path)) == 1, "one sweep folder: the retry found the same one"
+
+
+def test_bad_search_spaces_name_the_fix():
+    with pytest.raises(pd.ConfigurationError, match="search_space takes a dict"):
+        pd.tune(tiny_loop, search_space={}, metric="loss")
+    with pytest.raises(pd.ConfigurationError, match=r"search_space\['lr'\] has no values"):
+        pd.tune(tiny_loop, search_space={"lr": pd.grid([])}, metric="loss")
