@@ -164,9 +164,9 @@ def storage_kind(request, tmp_path):
     return request.getfixturevalue("s3_storage")
 
 
-def flow_run_records(flow_run_id) -> tuple[list[str], list, list]:
-    """(log messages, artifacts, task runs) of one flow run, filtered by the Prefect server:
-    a session's tests make more of each than one unfiltered page holds."""
+def flow_run_records(flow_run_id, messages: bool = True) -> tuple[list, list, list]:
+    """(log messages, or the logs themselves, artifacts, task runs) of one flow run, filtered
+    by the Prefect server: a session's tests make more of each than one unfiltered page holds."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -185,4 +185,4 @@ def flow_run_records(flow_run_id) -> tuple[list[str], list, list]:
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[flow_run_id])))
-    return [log.message for log in logs], artifacts, task_runs
+    return [log.message for log in logs] if messages else logs, artifacts, task_runs
