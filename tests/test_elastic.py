@@ -5,6 +5,7 @@ with a logged backoff."""
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 
@@ -33,15 +34,43 @@ def cluster():
 
 
 class NodeChanges(pd.TrainingCallback):
-    """Runs node changes from the driver's loop at given report numbers, once each."""
+    """At given report numbers, hands a node change to the test's main thread (Ray's
+    cluster_utils adds nodes only from there) and waits until it is made."""
 
     def __init__(self, changes: dict[int, callable]):
         self.changes = dict(changes)
+        self.todo: queue.Queue = queue.Queue()
 
     def handle_result(self, results, training_iteration, **info):
         change = self.changes.pop(training_iteration, None)
         if change is not None:
+            done = threading.Event()
+            self.todo.put((change, done))
+            done.wait()
+
+    def serve(self, thread: threading.Thread, until=lambda: False) -> None:
+        """In the main thread: make the changes asked for while ``thread`` trains."""
+        while thread.is_alive() and not until():
+            try:
+                change, done = self.todo.get(timeout=0.2)
+            except queue.Empty:
+                continue
             change()
+            done.set()
+
+
+def in_thread(fit) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = fit()
+        except BaseException as error:  # noqa: BLE001 - re-raised by the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
 
 
 def test_lost_node_shrinks_the_group_and_it_grows_back(cluster, tmp_path):
@@ -55,9 +84,13 @@ def test_lost_node_shrinks_the_group_and_it_grows_back(cluster, tmp_path):
     scaling = pd.ScalingConfig(num_workers=4, min_workers=2)
     with pd.Trainer(scaling=scaling, run=pd.RunConfig(name="elastic", storage=str(tmp_path)),
                     failure=pd.FailureConfig(max_failures=2)) as trainer:
-        result = trainer.fit(deterministic_loop, config={"epochs": 8, "epoch_sleep": 0.3,
-                                                         "read_dataset": True},
-                             callbacks=[changes], datasets={"train": rows})
+        thread, outcome = in_thread(lambda: trainer.fit(
+            deterministic_loop, config={"epochs": 8, "epoch_sleep": 0.3, "read_dataset": True},
+            callbacks=[changes], datasets={"train": rows}))
+        changes.serve(thread)
+        thread.join()
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
     sizes = [(m["epoch"], m["world_size"]) for m in result.metrics_history]
     assert [e for e, _ in sizes] == list(range(8)), "every epoch reported once, in order"
     assert sizes[0][1] == 4 and sizes[-1][1] == 4
@@ -97,24 +130,19 @@ def test_no_resources_at_all_backs_off_then_resumes_when_a_node_joins(cluster, t
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     changes = NodeChanges({2: lambda: cluster.remove_node(node)})
-    outcome: dict = {}
 
     def train():
-        try:
-            with pd.Trainer(num_workers=2, run=pd.RunConfig(name="backoff", storage=str(tmp_path)),
-                            failure=pd.FailureConfig(max_failures=1), logger=logger) as trainer:
-                outcome["result"] = trainer.fit(deterministic_loop, config={"epochs": 5},
-                                                callbacks=[changes])
-        except BaseException as error:  # noqa: BLE001 - re-raised by the test thread
-            outcome["error"] = error
+        with pd.Trainer(num_workers=2, run=pd.RunConfig(name="backoff", storage=str(tmp_path)),
+                        failure=pd.FailureConfig(max_failures=1), logger=logger) as trainer:
+            return trainer.fit(deterministic_loop, config={"epochs": 5}, callbacks=[changes])
 
-    thread = threading.Thread(target=train)
-    thread.start()
+    thread, outcome = in_thread(train)
     deadline = time.monotonic() + 120
-    while sum("Waiting for resources" in m for m in records.messages) < 2:
-        assert thread.is_alive(), outcome
-        assert time.monotonic() < deadline, records.messages
-        time.sleep(0.2)
+    changes.serve(thread, until=lambda: sum(
+        "Waiting for resources" in m for m in records.messages) >= 2
+        or time.monotonic() > deadline)
+    assert thread.is_alive(), outcome
+    assert time.monotonic() < deadline, records.messages
     cluster.add_node(num_cpus=2)
     thread.join(timeout=180)
     assert "error" not in outcome, outcome.get("error")
