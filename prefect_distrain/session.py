@@ -122,7 +122,7 @@ class _Session:
     _committed: int = 0
     _commits: threading.Condition = field(default_factory=threading.Condition)
     #: mode="auto": the helpers' state, the passes begun over the training data, and the
-    #: passes the resume checkpoint holds (replayed without data).
+    #: passes the resume checkpoint holds (replayed with one batch each).
     auto_state: AutoState | None = None
     passes_begun: int = 0
     training_loader_claimed: bool = False

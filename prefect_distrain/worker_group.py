@@ -168,6 +168,12 @@ def ray_connection(address: str | None = None, init_kwargs: dict | None = None) 
     (e.g. the last of several mapped ``train`` tasks) leaves."""
     global _ray_users, _ray_started_here
     with _ray_lock:
+        if ray.is_initialized() and address not in (None, "auto") \
+                and address != ray.get_runtime_context().gcs_address:
+            logger.warning(
+                "ray_address=%r is not used: this process is already connected to the Ray "
+                "cluster at %s (e.g. through its task runner); call ray.shutdown() first to "
+                "train elsewhere", address, ray.get_runtime_context().gcs_address)
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS") or None
             logger.info("Starting a local Ray" if address is None else f"Connecting to Ray at {address}")

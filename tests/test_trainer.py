@@ -310,3 +310,11 @@ def test_worker_context_matches_the_group(storage):
     with pd.Trainer(num_workers=3, run=storage) as trainer:
         contexts = trainer.run(context_loop)
     assert contexts == [(r, 3, r, 3, 0, 0, "run", "cpu") for r in range(3)]
+
+
+def test_a_ray_address_that_cannot_be_used_is_named(storage, caplog):
+    """Already connected (as under a task runner): the given address is not used, and says so."""
+    with pd.Trainer(num_workers=1, run=storage, ray_address="10.255.0.1:6379") as trainer:
+        assert trainer.run(lambda: 7) == [7]
+    assert "ray_address='10.255.0.1:6379' is not used: this process is already connected to " \
+           "the Ray cluster at" in caplog.text
