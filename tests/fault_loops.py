@@ -20,6 +20,8 @@ def deterministic_loop(config):
     ``config["kills"]``: {attempt: [epoch, step, rank]}: SIGKILL that rank there, on that
     attempt only. ``config["progress"]``: a file rank 0 writes the finished epoch to.
     With a ``"train"`` dataset, each epoch also reads this rank's shard of it (``shard_ids``).
+    ``config["gates"]``: {epoch: path}: before that epoch, wait until the file exists (so a
+    test can change the cluster at a known point without racing the training).
     """
     ctx = pd.get_context()
     rank = ctx.get_world_rank()
@@ -41,6 +43,9 @@ def deterministic_loop(config):
     kill = config.get("kills", {}).get(ctx.get_attempt())
     seen = 0
     for epoch in range(start, config["epochs"]):
+        gate = config.get("gates", {}).get(epoch)
+        while gate is not None and not os.path.exists(gate):
+            time.sleep(0.1)
         loader.sampler.set_epoch(epoch)
         for step, (xb, yb) in enumerate(loader):
             if kill is not None and [epoch, step, rank] == list(kill):

@@ -77,16 +77,25 @@ def test_lost_node_shrinks_the_group_and_it_grows_back(cluster, tmp_path):
     """With a Ray Dataset: its shards follow the world size of each attempt."""
     cluster, node = cluster
     rows = ray.data.from_items([{"id": i} for i in range(48)])  # blocks in memory: no CPU needed
+    removed, added = str(tmp_path / "removed"), str(tmp_path / "added")
+
+    def then_open(change, path):
+        change()
+        open(path, "w").close()
+
+    # Epoch 1's report (2) removes a node, epoch 3's report (4) adds one back; epochs 2 and 4
+    # wait for those changes, so the training cannot outrun them.
     changes = NodeChanges({
-        2: lambda: cluster.remove_node(node),
-        4: lambda: cluster.add_node(num_cpus=2),
+        2: lambda: then_open(lambda: cluster.remove_node(node), removed),
+        4: lambda: then_open(lambda: (cluster.add_node(num_cpus=2), cluster.wait_for_nodes()),
+                             added),
     })
     scaling = pd.ScalingConfig(num_workers=4, min_workers=2)
+    config = {"epochs": 8, "read_dataset": True, "gates": {2: removed, 4: added}}
     with pd.Trainer(scaling=scaling, run=pd.RunConfig(name="elastic", storage=str(tmp_path)),
                     failure=pd.FailureConfig(max_failures=2)) as trainer:
         thread, outcome = in_thread(lambda: trainer.fit(
-            deterministic_loop, config={"epochs": 8, "epoch_sleep": 0.3, "read_dataset": True},
-            callbacks=[changes], datasets={"train": rows}))
+            deterministic_loop, config=config, callbacks=[changes], datasets={"train": rows}))
         changes.serve(thread)
         thread.join()
     assert "error" not in outcome, outcome.get("error")
