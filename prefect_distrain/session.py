@@ -131,10 +131,12 @@ class _Session:
     #: Set by the driver when a callback stopped the run: the next report() ends the function.
     stop_reason: str | None = None
 
-    @property
-    def passes_done_at_resume(self) -> int:
-        metrics = self.checkpoint.metrics if self.checkpoint is not None else {}
-        return int(metrics.get(AUTO_PASS_KEY, 0)) if self.checkpoint_mode == "auto" else 0
+    #: mode="auto": the passes the resume checkpoint holds (fixed while the function runs).
+    passes_done_at_resume: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_mode == "auto" and self.checkpoint is not None:
+            self.passes_done_at_resume = int(self.checkpoint.metrics.get(AUTO_PASS_KEY, 0))
 
     @property
     def replaying(self) -> bool:
@@ -186,7 +188,7 @@ class _Session:
             raise TypeError(f"report() metric names must be strings, got {bad_keys!r}")
         if self.replaying:
             return  # a pass done before the restart: its report was delivered then
-        if AUTO_PASS_KEY not in metrics:
+        if self.checkpoint_mode == "auto" and AUTO_PASS_KEY not in metrics:
             self._last_metrics = {k: v for k, v in metrics.items() if not k.startswith("_")}
         now = time.time()
         self.iteration += 1

@@ -169,12 +169,24 @@ class RunStorage:
         attempts += [a["attempt"] for a in self.read_attempts()]
         return manifests, (max(attempts) + 1 if attempts else 0)
 
+    def write_json(self, record: dict, *parts: str) -> None:
+        """A JSON record at ``<run>/<parts...>``, replaced atomically."""
+        fs, _ = self.filesystem()
+        data = json.dumps(record, default=_json_default, indent=1).encode()
+        _atomic_write(fs, self._join(*parts), data)
+
+    def read_json(self, *parts: str) -> dict | None:
+        """The JSON record at ``<run>/<parts...>``, or None if there is none."""
+        fs, _ = self.filesystem()
+        try:
+            return json.loads(fs.cat_file(self._join(*parts)))
+        except FileNotFoundError:
+            return None
+
     def record_attempt(self, record: dict) -> None:
         """The attempt ledger: one JSON file per start of the worker group, rewritten when
         the attempt ends. It also keeps attempt numbers unique across Prefect retries."""
-        fs, _ = self.filesystem()
-        data = json.dumps(record, default=_json_default, indent=1).encode()
-        _atomic_write(fs, self._join(ATTEMPTS, f"attempt_{record['attempt']:05d}.json"), data)
+        self.write_json(record, ATTEMPTS, f"attempt_{record['attempt']:05d}.json")
 
     def read_attempts(self) -> list[dict]:
         fs, _ = self.filesystem()

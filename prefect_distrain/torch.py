@@ -189,15 +189,21 @@ def load_state(checkpoint: Checkpoint, filename: str = "model.pt",
                 "torch.load(..., weights_only=False) yourself") from error
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor in a batch or output of nested lists, tuples (named
+    ones too) and dicts."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=device.type == "cuda")
+        return fn(value)
     if isinstance(value, (list, tuple)):
-        moved = [_to_device(v, device) for v in value]
-        return type(value)(*moved) if hasattr(value, "_fields") else type(value)(moved)
+        mapped = [_map_tensors(v, fn) for v in value]
+        return type(value)(*mapped) if hasattr(value, "_fields") else type(value)(mapped)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return _map_tensors(value, lambda t: t.to(device, non_blocking=device.type == "cuda"))
 
 
 # -- mixed precision, reproducibility and automatic checkpoints --------------------------------
@@ -237,20 +243,9 @@ def _autocast(forward: Callable, device_type: str) -> Callable:
     def forward_in_mixed_precision(*args: Any, **kwargs: Any) -> Any:
         with torch.autocast(device_type=device_type, dtype=dtype):
             outputs = forward(*args, **kwargs)
-        return _to_float32(outputs)
+        return _map_tensors(outputs, lambda t: t.float() if t.is_floating_point() else t)
 
     return forward_in_mixed_precision
-
-
-def _to_float32(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, (list, tuple)):
-        converted = [_to_float32(v) for v in value]
-        return type(value)(*converted) if hasattr(value, "_fields") else type(value)(converted)
-    if isinstance(value, dict):
-        return {k: _to_float32(v) for k, v in value.items()}
-    return value
 
 
 class _ScaledOptimizer(torch.optim.Optimizer):
@@ -326,19 +321,17 @@ def enable_reproducibility(seed: int = 0) -> None:
     raises on ops without a deterministic version)."""
     _accelerator.seed = seed
     torch.manual_seed(seed)
-    random.seed(seed)
-    try:
-        import numpy
-        numpy.random.seed(seed)
-    except ImportError:
-        pass
+    _seed_python_and_numpy(seed)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # deterministic cuBLAS (CUDA >= 10.2)
 
 
 def _seed_loader_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
+    _seed_python_and_numpy(torch.initial_seed() % 2**32)
+
+
+def _seed_python_and_numpy(seed: int) -> None:
     random.seed(seed)
     try:
         import numpy

@@ -19,6 +19,7 @@ latest checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -35,6 +36,9 @@ from .checkpoint import Checkpoint
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from .exceptions import ConfigurationError
 from .storage import RunStorage, redact_url
+
+#: The sweep's folder for its trials' records (``trial_NNN.json``).
+TRIALS = "_trials"
 
 # -- the search space ---------------------------------------------------------------------------
 
@@ -270,7 +274,7 @@ def tune(train_loop: Callable, *, search_space: dict[str, Any], metric: str, mod
     with ray_connection(ray_address, ray_init_kwargs):  # one Ray for every trial of the sweep
         concurrency = min(max_concurrent_trials or len(configs), len(configs),
                           max(1, _trials_the_cluster_holds(scaling)))
-        sweep = _sweep_flow.with_options(
+        sweep = _sweep_flow().with_options(
             name=f"tune-{getattr(train_loop, '__name__', 'train')}",
             flow_run_name=f"sweep-{run.name}",
             task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
@@ -298,25 +302,6 @@ def _sweep_name(train_loop: Callable, search_space: dict, num_samples: int) -> s
     return f"{name}-sweep-{flow_run}-{digest}"
 
 
-def _record_path(storage: RunStorage, trial: str) -> str:
-    return f"{storage.run_url}/_trials/{trial}.json"
-
-
-def _read_record(storage: RunStorage, trial: str) -> dict[str, Any] | None:
-    fs, _ = storage.filesystem()
-    path = fs._strip_protocol(_record_path(storage, trial))
-    if not fs.exists(path):
-        return None
-    return json.loads(fs.cat_file(path))
-
-
-def _write_record(storage: RunStorage, record: dict[str, Any]) -> None:
-    fs, _ = storage.filesystem()
-    path = fs._strip_protocol(_record_path(storage, record["trial"]))
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, json.dumps(record, indent=1, default=str).encode())
-
-
 def _sweep(train_loop: Callable, configs: list[dict], metric: str, mode: str, scope: str,
            scheduler: TrialScheduler | None, backend: Any, scaling: ScalingConfig,
            run: RunConfig, checkpoint: CheckpointConfig | None, failure: FailureConfig | None,
@@ -335,7 +320,7 @@ def _sweep(train_loop: Callable, configs: list[dict], metric: str, mode: str, sc
     futures = {}
     for number, trial_config in enumerate(configs):
         trial = f"trial_{number:03d}"
-        earlier = _read_record(storage, trial)
+        earlier = storage.read_json(TRIALS, f"{trial}.json")
         if earlier and earlier["status"] in ("completed", "stopped") \
                 and earlier["config"] == json.loads(json.dumps(trial_config, default=str)):
             records[trial] = {**earlier, "reused": True}
@@ -359,7 +344,7 @@ def _sweep(train_loop: Callable, configs: list[dict], metric: str, mode: str, sc
         trial, trial_config, began = futures[future]
         outcome = future.result(raise_on_failure=False)
         records[trial] = _trial_record(trial, trial_config, outcome, metric, mode, began)
-        _write_record(storage, records[trial])
+        storage.write_json(records[trial], TRIALS, f"{trial}.json")
         logger.info("Trial %s %s: %s=%s", trial, records[trial]["status"], metric,
                     records[trial]["final"])
     ordered = sorted(records.values(), key=lambda r: (_rank_key(r, scope, mode), r["trial"]))
@@ -417,21 +402,9 @@ def _publish_trials(sweep: str, ordered: list[dict[str, Any]], metric: str, scop
                                       f"({scope} report)")
 
 
-def _make_sweep_flow():
+@functools.cache
+def _sweep_flow() -> Any:
+    """The sweep flow, built on first use so that importing this module needs no Prefect."""
     from prefect import flow
 
     return flow(name="tune", validate_parameters=False, log_prints=True)(_sweep)
-
-
-class _LazyFlow:
-    """The sweep flow, built on first use so that importing this module needs no Prefect."""
-
-    _flow = None
-
-    def __getattr__(self, name: str) -> Any:
-        if _LazyFlow._flow is None:
-            _LazyFlow._flow = _make_sweep_flow()
-        return getattr(_LazyFlow._flow, name)
-
-
-_sweep_flow = _LazyFlow()
