@@ -1,10 +1,16 @@
 """Driver-side callbacks, as in RaySGD: they see every reported iteration of every rank.
 
 ``handle_result(results, **info)`` gets one dict per worker, in rank order, once all ranks have
-reported that iteration. Callbacks run on the driver, in a thread of their own: a slow callback
+reported that iteration. Callbacks run on the driver, in threads of their own: a slow callback
 never holds up ``report()`` or a commit. An exception in one is logged and training goes on,
-unless the callback sets ``fatal_errors = True``. A callback ends the run cleanly by setting
-``stop_training`` to the reason: every worker stops at its next ``report()``.
+unless the callback sets ``fatal_errors = True``.
+
+A callback ends the run cleanly by setting ``stop_training`` to the reason. With
+``exact_stop = True`` (``EarlyStopping``, the sweep schedulers) every report waits for the
+callback's verdict on its iteration, so a stop decided at report N ends every rank at report N;
+the price is a round trip to the driver per report, and a slow exact-stop callback slows the
+reports. Without it reports never wait, and a stop ends every rank at its first report at or
+after the highest iteration the driver had seen when the stop was decided.
 """
 
 from __future__ import annotations
@@ -18,15 +24,22 @@ class TrainingCallback:
 
     #: Re-raise this callback's exceptions (ending the run) instead of logging them.
     fatal_errors: bool = False
-    #: Set to the reason (e.g. in ``handle_result``) to stop the run: each worker stops at its
-    #: next ``report()``, what was committed stays, and the result says it stopped early.
+    #: Set to the reason (e.g. in ``handle_result``) to stop the run: what was committed stays,
+    #: and the result says it stopped early.
     stop_training: str | None = None
+    #: True: every report waits for this callback's verdict on its iteration, and a stop it
+    #: decides in ``handle_result`` of iteration N ends every rank at report N. False: reports
+    #: never wait for it; a stop lands at each rank's first report at or after the highest
+    #: iteration the driver has seen (ranks that ran ahead end later).
+    exact_stop: bool = False
 
     def start_training(self, logdir: str, config: Any, **info: Any) -> None:
         """Before the training function starts; ``logdir`` is the run's storage URL."""
 
     def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
-        """One reported iteration: ``results[rank]`` is that rank's metrics."""
+        """One reported iteration: ``results[rank]`` is that rank's metrics. An iteration that
+        some ranks never reported (they stopped or returned earlier) comes once at the end with
+        ``partial=True`` and ``missing_ranks``; those ranks' results are ``{}``."""
 
     def on_checkpoint_commit(self, checkpoint: Any, **info: Any) -> None:
         """A checkpoint was committed (its manifest written); ``checkpoint.metrics`` holds
@@ -79,10 +92,15 @@ class RichProgress(TrainingCallback):
 
 class EarlyStopping(TrainingCallback):
     """Stops the run once rank 0's ``metric`` has not improved by more than ``min_delta`` for
-    ``patience`` reports in a row. Reports without the metric are ignored."""
+    ``patience`` reports in a row. Reports without the metric are ignored.
+
+    ``exact=True`` (default): every rank ends at the report that decided the stop (each report
+    waits for the verdict); ``exact=False``: reports never wait, and ranks end at their first
+    report after the stop reaches them (a few more reports when steps are fast)."""
 
     def __init__(self, metric: str, mode: str = "min", patience: int = 3,
-                 min_delta: float = 0.0):
+                 min_delta: float = 0.0, exact: bool = True):
+        self.exact_stop = bool(exact)
         if mode not in ("min", "max"):
             raise ValueError(f"mode {mode!r}: use 'min' (lower is better) or 'max'")
         if not isinstance(patience, int) or patience < 1:
@@ -94,7 +112,7 @@ class EarlyStopping(TrainingCallback):
 
     def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
         value = results[0].get(self.metric) if results else None
-        if not isinstance(value, (int, float)) or self.stop_training:
+        if not isinstance(value, (int, float)) or self.stop_training or info.get("partial"):
             return
         gain = (self.best - value if self.mode == "min" else value - self.best) \
             if self.best is not None else float("inf")

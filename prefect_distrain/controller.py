@@ -33,6 +33,7 @@ from .exceptions import (
     ConfigurationError,
     DistrainError,
     RemoteTraceback,
+    UnequalReportsError,
     WorkerError,
     WorkerLostError,
 )
@@ -236,10 +237,17 @@ class _Iterations:
         self.pending: dict[int, dict[int, dict]] = {}
         self.history = spec.history
         self.history_all_ranks = spec.history_all_ranks
+        self.first = spec.first_index
+        #: The last iteration each rank reported, and the highest of them (an asynchronous
+        #: stop ends every rank at its first report from there on).
+        self.last: dict[int, int] = {}
+        self.highest = self.first - 1
         self._last_log = 0.0
 
     def add(self, rank: int, report: dict[str, Any]) -> None:
         iteration = report["metrics"]["_training_iteration"]
+        self.last[rank] = iteration
+        self.highest = max(self.highest, iteration)
         checkpoint = report["checkpoint"]
         if checkpoint is not None and checkpoint["files"] is not None:  # a sync upload
             self.commits.uploaded(checkpoint["index"], rank, checkpoint["files"])
@@ -268,58 +276,127 @@ class _Iterations:
             self.logger.info("Iteration %d: %s", iteration, shown)
         self.callbacks.call("handle_result", results, training_iteration=iteration)
 
-    def flush(self) -> None:
-        """Deliver what some ranks reported and others did not (a misuse, but not lost)."""
+    def stranded(self, finished: dict[int, int]) -> UnequalReportsError | None:
+        """The error for an iteration that can never complete while a rank waits in its report
+        (for the checkpoint's commit or the stop verdict): a rank whose function returned never
+        reported it."""
         for iteration in sorted(self.pending):
-            missing = sorted(set(range(self.world_size)) - set(self.pending[iteration]))
-            self.logger.warning(
-                "Iteration %d was reported by some ranks but not by ranks %s: every rank must "
-                "call report() the same number of times", iteration, missing)
-            self._deliver(iteration)
+            gone = sorted(r for r, last in finished.items() if last < iteration)
+            waiting = sorted(r for r, report in self.pending[iteration].items()
+                             if report["awaits_verdict"] or (
+                                 report["checkpoint"] and report["checkpoint"]["files"]))
+            if gone and waiting:
+                counts = {r: self.last.get(r, self.first - 1) - self.first + 1
+                          for r in range(self.world_size)}
+                shown = ", ".join(f"rank {r}: {n}" for r, n in counts.items())
+                return UnequalReportsError(
+                    f"ranks {gone} returned without the report of iteration {iteration}, which "
+                    f"ranks {waiting} wait for in report() (a checkpoint to commit or the "
+                    f"callbacks' verdict needs every rank's report); reports made: {shown}. "
+                    "Every rank must call report() the same number of times: report on every "
+                    "rank, with checkpoint=None where a rank has nothing to save",
+                    counts=counts)
+        return None
+
+    def flush(self, stopped: bool) -> None:
+        """Deliver what some ranks reported and others did not, marked ``partial``: never
+        committed, not in the history. A misuse, unless a stop that no report waited for
+        ended the ranks at different reports."""
+        for iteration in sorted(self.pending):
+            reports = self.pending.pop(iteration)
+            missing = sorted(set(range(self.world_size)) - set(reports))
+            self.logger.log(
+                logging.INFO if stopped else logging.WARNING,
+                "Iteration %d was reported by some ranks but not by ranks %s%s", iteration,
+                missing, " (the stop reached the ranks at different reports)" if stopped else
+                ": every rank must call report() the same number of times")
+            results = [reports[r]["metrics"] if r in reports else {}
+                       for r in range(self.world_size)]
+            if AUTO_PASS_KEY not in next(iter(reports.values()))["metrics"]:
+                self.callbacks.call("handle_result", results, training_iteration=iteration,
+                                    partial=True, missing_ranks=missing)
 
 
 class _Callbacks:
-    """Runs the callbacks' hooks in order on a thread of their own, in the caller's context
+    """Runs the callbacks' hooks on the driver in threads of their own, in the caller's context
     (Prefect's run context reaches artifacts made there), so that a slow callback never holds
-    up reports or commits. A fatal callback's exception waits here for the driver loop to
-    raise; the first ``stop_training`` reason goes to the workers through ``on_stop``."""
+    up reports or commits.
+
+    Two lanes, each calling its callbacks' hooks in order: the callbacks that decide stops
+    exactly (``exact_stop``), whose verdict on each iteration goes to the workers
+    (``on_verdict``) and which every report waits for; and the others, whose stop goes to the
+    workers through ``on_stop``. A fatal callback's exception waits here for the driver loop to
+    raise."""
 
     def __init__(self, callbacks: list[TrainingCallback], logger: logging.Logger,
-                 on_stop: Callable[[str], None]):
+                 on_stop: Callable[[str], None],
+                 on_verdict: Callable[[int, str | None], None]):
         self.callbacks = callbacks
         self.logger = logger
-        self.on_stop = on_stop
         self.error: BaseException | None = None
         self.stop_reason: str | None = None
-        self._queue: queue.Queue = queue.Queue()
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(self._serve,), daemon=True,
-                                        name="prefect-distrain-callbacks")
-        self._thread.start()
+        self._lock = threading.Lock()
+        judges = [c for c in callbacks if c.exact_stop]
+        self.judged = bool(judges)
+        others = [c for c in callbacks if not c.exact_stop]
+        self._lanes = ([_Lane(self, judges, on_verdict, "judges")] if judges else []) + \
+                      ([_Lane(self, others, None, "others", on_stop)] if others else [])
 
     def call(self, hook: str, *args: Any, **kwargs: Any) -> None:
-        self._queue.put((hook, args, kwargs))
+        for lane in self._lanes:
+            lane.queue.put((hook, args, kwargs))
+
+    def failed(self, error: BaseException) -> None:
+        with self._lock:
+            self.error = self.error or error
+
+    def stopped(self, reason: str) -> bool:
+        """Record the run's stop; True for the first one."""
+        with self._lock:
+            if self.stop_reason is not None:
+                return False
+            self.stop_reason = reason
+        self.logger.info("Stopping the run: %s", reason)
+        return True
+
+    def close(self) -> None:
+        """Run what is queued (callbacks see every result), then end the threads."""
+        for lane in self._lanes:
+            lane.queue.put(None)
+        for lane in self._lanes:
+            lane.thread.join()
+
+
+class _Lane:
+    def __init__(self, owner: _Callbacks, callbacks: list[TrainingCallback],
+                 on_verdict: Callable[[int, str | None], None] | None, name: str,
+                 on_stop: Callable[[str], None] | None = None):
+        self.owner, self.callbacks = owner, callbacks
+        self.on_verdict, self.on_stop = on_verdict, on_stop
+        self.queue: queue.Queue = queue.Queue()
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(target=context.run, args=(self._serve,), daemon=True,
+                                       name=f"prefect-distrain-callbacks-{name}")
+        self.thread.start()
 
     def _serve(self) -> None:
-        while (item := self._queue.get()) is not None:
+        owner = self.owner
+        while (item := self.queue.get()) is not None:
             hook, args, kwargs = item
-            if self.error is not None and hook != "finish_training":
+            if owner.error is not None and hook != "finish_training":
                 continue  # a fatal callback failed: the run is ending
             for callback in self.callbacks:
                 try:
-                    _call(callback, hook, self.logger, *args, **kwargs)
+                    _call(callback, hook, owner.logger, *args, **kwargs)
                 except BaseException as error:  # noqa: BLE001 - raised by the driver loop
-                    self.error = self.error or error
+                    owner.failed(error)
             reason = next((c.stop_training for c in self.callbacks if c.stop_training), None)
-            if reason and self.stop_reason is None:
-                self.stop_reason = reason
-                self.logger.info("Stopping the run: %s", reason)
+            first = reason is not None and owner.stopped(reason)
+            if first and self.on_stop is not None:
                 self.on_stop(reason)
-
-    def close(self) -> None:
-        """Run what is queued (callbacks see every result), then end the thread."""
-        self._queue.put(None)
-        self._thread.join()
+            if self.on_verdict is not None and hook == "handle_result" \
+                    and not kwargs.get("partial"):
+                self.on_verdict(kwargs["training_iteration"], reason)
 
 
 def _call(callback: TrainingCallback, hook: str, logger: logging.Logger, *args, **kwargs) -> None:
@@ -358,10 +435,14 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
             "upload": spec.checkpoint_config.upload,
             "checkpoint_mode": spec.checkpoint_config.mode,
             "datasets": spec.dataset_shards[m.info.world_rank] if spec.dataset_shards else {},
+            "await_verdicts": any(c.exact_stop for c in spec.callbacks),
         }
         for m in group.members
     ]
-    callbacks = _Callbacks(spec.callbacks, logger, on_stop=group.request_stop)
+    iterations: _Iterations
+    callbacks = _Callbacks(spec.callbacks, logger,
+                           on_stop=lambda reason: group.request_stop(reason, iterations.highest),
+                           on_verdict=group.judge)
     commits = _Commits(spec, group, callbacks, logger)
     iterations = _Iterations(len(group), spec, commits, callbacks, logger)
     # The storage (with its options) for trackers that write into the run's folder.
@@ -376,7 +457,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
                                                spec.logs)
         if errors:
             raise _worker_failure(errors, world_size, spec)
-        iterations.flush()
+        iterations.flush(stopped=callbacks.stop_reason is not None)
         if unfinished:  # stopped, but these ranks never reached a report (e.g. in a collective)
             logger.warning("Ranks %s did not stop within %g s of the stop; ending them",
                            unfinished, settings.settings().stop_grace_s)
@@ -407,6 +488,7 @@ def _collect(generators: list, iterations: _Iterations, commits: _Commits,
     pending = {gen: rank for rank, gen in enumerate(generators)}
     returns: list[Any] = [None] * len(generators)
     errors: dict[int, Any] = {}
+    finished: dict[int, int] = {}  # rank -> its last iteration, once its function returned
     gather_deadline: float | None = None
     while pending:
         if callbacks.error is not None:
@@ -445,10 +527,13 @@ def _collect(generators: list, iterations: _Iterations, commits: _Commits,
                     del pending[gen]
                     if kind == "done":
                         returns[rank] = payload
+                        finished[rank] = iterations.last.get(rank, iterations.first - 1)
                     else:
                         errors[rank] = payload
                         if gather_deadline is None:
                             gather_deadline = time.monotonic() + settings.settings().error_gather_timeout_s
+            if finished and not errors and (stranded := iterations.stranded(finished)):
+                raise stranded
     return returns, errors, sorted(pending.values())
 
 

@@ -96,6 +96,18 @@ class CheckpointUploadError(DistrainError):
         return (_rebuild, (type(self), self.args, {"index": self.index, "rank": self.rank}))
 
 
+class UnequalReportsError(DistrainError):
+    """Ranks called ``report()`` a different number of times, and a rank waits in a report
+    that can never complete. The user's bug: never restarted or retried."""
+
+    def __init__(self, message: str, *, counts: dict[int, int]):
+        super().__init__(message)
+        self.counts = counts
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, {"counts": self.counts}))
+
+
 class CheckpointCorruptError(DistrainError):
     """A checkpoint's files do not match its manifest (missing, wrong size or hash)."""
 

@@ -12,6 +12,12 @@ files out of the directory into a staging folder beside it (a rename, instant ho
 a copy where a rename can't) and returns; the upload and the commit follow in the background.
 Either way the directory may be deleted or changed as soon as ``report`` returns.
 
+Stops: when a callback that decides stops exactly (``TrainingCallback.exact_stop``, e.g.
+``EarlyStopping``) is attached, each report also waits for the driver's verdict on its iteration,
+so a stop decided at report N ends every rank at report N. A stop set by any other callback
+names the highest iteration the driver has seen; every rank ends at its first report at or
+after it.
+
 With ``CheckpointConfig(mode="auto")`` the framework helpers (``pd.torch.prepare_*``) register
 what they prepared here; the training data loader calls ``begin_pass`` before each pass over
 the data, which commits their state as a checkpoint. A run resuming from such a checkpoint
@@ -32,7 +38,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from .checkpoint import Checkpoint
 from .exceptions import StopTraining
@@ -119,8 +125,12 @@ class _Session:
     last_report_time: float = field(default_factory=time.time)
     _uploader: threading.Thread | None = None
     _upload_error: BaseException | None = None
+    #: Every report waits for the driver's verdict on its iteration (an exact-stop callback
+    #: is attached); the verdicts and the commits acknowledged so far.
+    await_verdicts: bool = False
     _committed: int = 0
-    _commits: threading.Condition = field(default_factory=threading.Condition)
+    _judged: int = 0
+    _driver: threading.Condition = field(default_factory=threading.Condition)
     #: mode="auto": the helpers' state, the passes begun over the training data, and the
     #: passes the resume checkpoint holds (replayed with one batch each).
     auto_state: AutoState | None = None
@@ -128,8 +138,10 @@ class _Session:
     training_loader_claimed: bool = False
     _last_metrics: dict[str, Any] = field(default_factory=dict)
     _last_auto_pass: int = 0
-    #: Set by the driver when a callback stopped the run: the next report() ends the function.
+    #: Set by the driver when a callback stopped the run: the report numbered ``stop_at`` (or
+    #: the next one, if this rank is past it) ends the function.
     stop_reason: str | None = None
+    stop_at: int | None = None
 
     #: mode="auto": the passes the resume checkpoint holds (fixed while the function runs).
     passes_done_at_resume: int = field(init=False, default=0)
@@ -199,26 +211,29 @@ class _Session:
         self.last_report_time = now
         self._raise_failed_upload()
         self._send(result, checkpoint)
-        if self.stop_reason is not None:
+        if self.await_verdicts and AUTO_PASS_KEY not in result:  # automatic: nobody judges it
+            self._wait_for_driver(lambda: self._judged >= self.iteration)
+        if self.stop_at is not None and self.iteration >= self.stop_at:
             raise StopTraining(self.stop_reason)
 
     def _send(self, result: dict[str, Any], checkpoint: Checkpoint | None) -> None:
+        awaits = self.await_verdicts and AUTO_PASS_KEY not in result
         if checkpoint is None:
-            self.outbox.put(("report", {"metrics": result, "checkpoint": None}))
+            self.outbox.put(("report", {"metrics": result, "checkpoint": None,
+                                        "awaits_verdict": awaits}))
             return
         index = self.iteration
         rank, attempt = self.context.get_world_rank(), self.context.get_attempt()
         if self.upload == "sync":
             files = self.storage.upload(checkpoint.path, index, attempt, rank)
-            self.outbox.put(("report", {"metrics": result,
+            self.outbox.put(("report", {"metrics": result, "awaits_verdict": awaits,
                                         "checkpoint": {"index": index, "files": files}}))
-            with self._commits:
-                self._commits.wait_for(lambda: self._committed >= index)
+            self._wait_for_driver(lambda: self._committed >= index)
             return
         self.wait_for_upload()  # at most one upload in flight per rank
         self._raise_failed_upload()
         staged = _take_files(checkpoint.path, index)
-        self.outbox.put(("report", {"metrics": result,
+        self.outbox.put(("report", {"metrics": result, "awaits_verdict": awaits,
                                     "checkpoint": {"index": index, "files": None}}))
         self._uploader = threading.Thread(
             target=self._upload_in_background, args=(staged, index, attempt, rank),
@@ -234,11 +249,33 @@ class _Session:
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
+    def _wait_for_driver(self, done: Callable[[], bool]) -> None:
+        with self._driver:
+            self._driver.wait_for(done)
+
     def acknowledge_commit(self, index: int) -> None:
         """The driver committed checkpoint ``index``: a sync ``report`` waiting on it returns."""
-        with self._commits:
+        with self._driver:
             self._committed = max(self._committed, index)
-            self._commits.notify_all()
+            self._driver.notify_all()
+
+    def judge(self, iteration: int, stop_reason: str | None) -> None:
+        """The driver's verdict on ``iteration``: go on, or stop there. Verdicts may arrive out
+        of order (the actor serves them on a second thread), so they only ever move forward."""
+        with self._driver:
+            if stop_reason is not None:
+                self._stop(stop_reason, iteration)
+            self._judged = max(self._judged, iteration)
+            self._driver.notify_all()
+
+    def request_stop(self, reason: str, at: int) -> None:
+        """A stop that no report waited for: end at report ``at``, or the next one if past it."""
+        with self._driver:
+            self._stop(reason, at)
+
+    def _stop(self, reason: str, at: int) -> None:
+        if self.stop_at is None or at < self.stop_at:
+            self.stop_at, self.stop_reason = at, reason
 
     def wait_for_upload(self) -> None:
         if self._uploader is not None:

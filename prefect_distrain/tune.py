@@ -212,13 +212,16 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 class _TrialSupervisor(TrainingCallback):
-    """Feeds a trial's reports (rank 0) to the scheduler; stops the trial when it says so."""
+    """Feeds a trial's reports (rank 0) to the scheduler; stops the trial at the report the
+    scheduler judged."""
+
+    exact_stop = True
 
     def __init__(self, scheduler: TrialScheduler, trial: str):
         self.scheduler, self.trial = scheduler, trial
 
     def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
-        if results and not self.stop_training:
+        if results and not self.stop_training and not info.get("partial"):
             self.stop_training = self.scheduler.should_stop(self.trial, results[0])
 
 

@@ -67,9 +67,13 @@ class TrainWorker:
         """Runs beside ``run`` (the actor has two threads): wakes a waiting sync report."""
         self.session.acknowledge_commit(index)
 
-    def request_stop(self, reason: str) -> None:
-        """Runs beside ``run``: the training function ends at its next ``report()``."""
-        self.session.stop_reason = reason
+    def judge(self, iteration: int, stop_reason: str | None) -> None:
+        """Runs beside ``run``: the verdict on ``iteration`` that its report waits for."""
+        self.session.judge(iteration, stop_reason)
+
+    def request_stop(self, reason: str, at: int) -> None:
+        """Runs beside ``run``: the training function ends at report ``at`` (or its next)."""
+        self.session.request_stop(reason, at)
 
     def run(self, fn_blob: bytes, pass_config: bool, config: Any,
             session_args: dict[str, Any]) -> Iterator:
@@ -125,7 +129,7 @@ def _next_batch(outbox: queue.Queue) -> list[tuple[str, Any]]:
 def _urgent(item: tuple[str, Any]) -> bool:
     kind, payload = item
     return kind in ("done", "error", "persisted") or (
-        kind == "report" and payload["checkpoint"] is not None)
+        kind == "report" and (payload["checkpoint"] is not None or payload["awaits_verdict"]))
 
 
 def storage_is_visible(storage: RunStorage, marker: str) -> str | None:
@@ -351,10 +355,15 @@ class WorkerGroup:
                        timeout: float | None = None) -> Any:
         return ray.get(self.members[rank].actor.execute.remote(fn, *args), timeout=timeout)
 
-    def request_stop(self, reason: str) -> None:
-        """Tell every worker to end its training function at its next ``report()``."""
+    def judge(self, iteration: int, stop_reason: str | None) -> None:
+        """Every worker's report of ``iteration`` may return (or, with a reason, stop there)."""
         for member in self.members:
-            member.actor.request_stop.remote(reason)
+            member.actor.judge.remote(iteration, stop_reason)
+
+    def request_stop(self, reason: str, at: int) -> None:
+        """Tell every worker to end its training function at report ``at`` (or its next)."""
+        for member in self.members:
+            member.actor.request_stop.remote(reason, at)
 
     def acknowledge_commit(self, index: int, ranks: list[int]) -> None:
         """Tell the ranks that reported files for checkpoint ``index`` that it is committed."""

@@ -84,13 +84,46 @@ def test_asha_stops_a_bad_trial_and_a_dead_trial_is_recorded_failed(tmp_path):
                      run=pd.RunConfig(name="asha", storage=str(tmp_path)))
     by_lr = {t["config"]["lr"]: t for t in result.trials}
     bad, dead = by_lr[0.0], by_lr[-1.0]
-    assert bad["status"] == "stopped" and bad["reports"] < 6, bad
-    assert bad["stopped_because"].startswith("ASHA: loss at _training_iteration=")
+    # Its trial starts after a good one has finished: at the first rung (report 1) it is not
+    # in the best half, and it ends right there.
+    assert bad["status"] == "stopped" and bad["reports"] == 1, bad
+    assert bad["stopped_because"].startswith("ASHA: loss at _training_iteration=1 ")
     assert bad["checkpoint"] is not None, "a stopped trial keeps its checkpoints"
     assert os.listdir(tmp_path / "asha" / bad["trial"] / "_manifests")
     assert dead["status"] == "failed" and dead["error"].startswith("WorkerLostError")
     assert result.best_config["lr"] in (0.1, 0.05)
     assert result.trials[-1] is dead, "failed trials sort last"
+
+
+def test_asha_stops_a_trial_at_the_rung_it_judged_ten_times_in_a_row(tmp_path):
+    """The scheduler as the sweep uses it, on a warm group, reports milliseconds apart: a trial
+    worse than the one before it at rung r ends every rank at report r."""
+    from prefect_distrain.tune import _TrialSupervisor
+
+    def quick(config):
+        for step in range(1, 13):
+            pd.report({"loss": config["loss"](step) if callable(config["loss"]) else
+                       config["loss"] * step})
+
+    with pd.Trainer(num_workers=2, run=pd.RunConfig(name="rungs", storage=str(tmp_path))) as t:
+        for trial in range(10):
+            rung = [1, 2, 4][trial % 3]
+            asha = pd.ASHAScheduler(grace_period=1, reduction_factor=2, max_t=12)
+            asha.bind("loss", "min")
+            # A good trial first: loss 1 at every step, recorded at every rung.
+            good = t.fit(quick, config={"loss": lambda step: 1.0},
+                         callbacks=[_TrialSupervisor(asha, "good")])
+            assert good.stopped_early == "ASHA: reached max_t=12"
+            # Then one that is as good until its rung, and worse there.
+            worse_from = rung
+            bad = t.fit(quick, config={"loss": lambda step, w=worse_from: 1.0 if step < w else 9.0},
+                        callbacks=[_TrialSupervisor(asha, "bad")])
+            assert [m["loss"] for m in bad.metrics_history][-1] == 9.0
+            first = bad.metrics_history[0]["_training_iteration"]
+            assert len(bad.metrics_history) == rung, (trial, rung, bad.metrics_history)
+            assert [len(ranks) for ranks in bad.metrics_history_all_ranks] == [2] * rung
+            assert bad.stopped_early.startswith(
+                f"ASHA: loss at _training_iteration={first + rung - 1:g} ")
 
 
 def test_a_prefect_retry_of_the_flow_reuses_finished_trials(tmp_path):
