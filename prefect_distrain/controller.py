@@ -52,6 +52,8 @@ class RunSpec:
     """Everything one run needs, resolved and validated by the Trainer."""
 
     train_func: Callable
+    #: The function pickled once, before anything starts (``serialize_train_function``).
+    train_func_blob: bytes
     config: Any
     storage: RunStorage
     backend_name: str
@@ -423,7 +425,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     lowest failing rank is raised: the user's own exception type, with the worker's traceback
     as its cause.
     """
-    fn_ref = ray.put(serialize_train_function(spec.train_func))
+    fn_ref = ray.put(spec.train_func_blob)
     session_args = [
         {
             "context": TrainContext(info=m.info, experiment_name=spec.storage.name,

@@ -23,7 +23,13 @@ from .backends import BackendConfig, resolve_backend
 from .callbacks import RichProgress, TrainingCallback
 from .checkpoint import Checkpoint
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from .controller import RunSpec, ScaleUp, is_infrastructure_failure, run_training
+from .controller import (
+    RunSpec,
+    ScaleUp,
+    is_infrastructure_failure,
+    run_training,
+    serialize_train_function,
+)
 from .data import DataConfig, resolve_datasets, split_datasets
 from .exceptions import ConfigurationError, ResourcesUnavailableError
 from .logs import WorkerLogs
@@ -107,6 +113,11 @@ class Trainer:
         self._ray: contextlib.ExitStack | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """True while the worker group is up (between ``start`` and ``shutdown``)."""
+        return self._group is not None
 
     def start(self, expect_full: bool = False) -> None:
         """Connect to (or start) Ray, start the workers and set up the backend."""
@@ -235,6 +246,7 @@ class Trainer:
         split anew at every start of the group (``data_config`` says which are split).
         """
         began = time.monotonic()
+        blob = serialize_train_function(train_func)  # refused before anything starts
         if data_config is not None and not isinstance(data_config, DataConfig):
             raise ConfigurationError(
                 f"data_config must be a DataConfig, got {type(data_config).__name__}")
@@ -283,7 +295,7 @@ class Trainer:
                       "status": "running"}
             storage.record_attempt(record)
             spec = RunSpec(
-                train_func=train_func, config=config, storage=storage,
+                train_func=train_func, train_func_blob=blob, config=config, storage=storage,
                 backend_name=self.backend_config.name, checkpoint_config=self.checkpoint_config,
                 resume_from=resume, callbacks=callbacks, attempt=attempt, committed=committed,
                 history=history, history_all_ranks=history_all_ranks,

@@ -213,13 +213,12 @@ def failing_upload_loop(config):
 @pytest.mark.parametrize("fail_at,steps", [(2, 4), (3, 3)], ids=["next-report", "at-the-end"])
 def test_a_failed_async_upload_is_raised_never_lost(tmp_path, fail_at, steps):
     storage = {"storage": f"flaky://{tmp_path}/runs", "storage_options": {}}
-    trainer = pd.Trainer(num_workers=1, run=pd.RunConfig(name="flaky", **storage),
-                         checkpoint=pd.CheckpointConfig(upload="async"))
-    with pytest.raises(pd.CheckpointUploadError,
-                       match=f"uploading checkpoint {fail_at} from rank 0 .* injected storage "
-                             "failure") as caught:
-        trainer.fit(failing_upload_loop, config={"fail_at": fail_at, "steps": steps})
-    trainer.shutdown()
+    with pd.Trainer(num_workers=1, run=pd.RunConfig(name="flaky", **storage),
+                    checkpoint=pd.CheckpointConfig(upload="async")) as trainer:
+        with pytest.raises(pd.CheckpointUploadError,
+                           match=f"uploading checkpoint {fail_at} from rank 0 .* injected "
+                                 "storage failure") as caught:
+            trainer.fit(failing_upload_loop, config={"fail_at": fail_at, "steps": steps})
     assert caught.value.index == fail_at and caught.value.retryable
     if fail_at == 2:
         assert "in report" in str(caught.value.__cause__), "raised by the next report()"
@@ -303,8 +302,11 @@ def test_bad_storage_input_names_the_fix(tmp_path, s3_storage, monkeypatch):
                        match="'s3://missing-bucket/runs/bad' does not exist: create the bucket"):
         fit(storage="s3://missing-bucket/runs", storage_options=options)
     for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                     "AWS_PROFILE"):
+                     "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                     "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(variable, raising=False)
+    # On a cloud runner the instance role would supply credentials: not here.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     with pytest.raises(pd.ConfigurationError, match="no credentials to write to storage"):

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFECT = os.path.join(os.path.dirname(sys.executable), "prefect")
 
 
-def prefect_cli(*args: str, timeout: float = 300) -> str:
+def prefect_cli(*args: str, timeout: float = 120) -> str:
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
@@ -28,6 +28,7 @@ def prefect_cli(*args: str, timeout: float = 300) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.timeout(900)  # its own limits: 2 x 120 s to deploy, 2 x 300 s per run
 def test_the_nightly_deployment_runs_on_a_process_worker_and_warm_starts(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -40,7 +41,7 @@ def test_the_nightly_deployment_runs_on_a_process_worker_and_warm_starts(tmp_pat
     for _ in range(2):
         flow_run = run_deployment("digits-retraining/digits-nightly", parameters=parameters,
                                   timeout=0)
-        prefect_cli("worker", "start", "--pool", "local-process", "--run-once")
+        prefect_cli("worker", "start", "--pool", "local-process", "--run-once", timeout=300)
         with get_client(sync_client=True) as client:
             finished.append(client.read_flow_run(flow_run.id))
         logs = flow_run_records(flow_run.id)[0]

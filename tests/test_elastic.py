@@ -22,8 +22,8 @@ from fault_loops import deterministic_loop
 def cluster():
     """A head and a 2-CPU node; the test changes the nodes while training runs."""
     assert not ray.is_initialized()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    node = cluster.add_node(num_cpus=2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    node = cluster.add_node(num_cpus=2, num_gpus=0)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
@@ -31,6 +31,18 @@ def cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def wait_for_free_cpus(cpus: float, at_most: bool = False) -> None:
+    """Until Ray's view of free CPUs (what the trainer's capacity check reads) has at least
+    ``cpus`` (or, ``at_most``, no more than that): node changes reach it asynchronously."""
+    deadline = time.monotonic() + 120
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if (free <= cpus) if at_most else (free >= cpus):
+            return
+        assert time.monotonic() < deadline, f"Ray shows {free} free CPUs, not {cpus}"
+        time.sleep(0.1)
 
 
 class NodeChanges(pd.TrainingCallback):
@@ -84,11 +96,12 @@ def test_lost_node_shrinks_the_group_and_it_grows_back(cluster, tmp_path):
         open(path, "w").close()
 
     # Epoch 1's report (2) removes a node, epoch 3's report (4) adds one back; epochs 2 and 4
-    # wait for those changes, so the training cannot outrun them.
+    # wait for those changes, so the training cannot outrun them. The gate of epoch 4 opens
+    # once Ray shows the new node's CPUs free, so the next commit's capacity check sees them.
     changes = NodeChanges({
         2: lambda: then_open(lambda: cluster.remove_node(node), removed),
-        4: lambda: then_open(lambda: (cluster.add_node(num_cpus=2), cluster.wait_for_nodes()),
-                             added),
+        4: lambda: then_open(lambda: (cluster.add_node(num_cpus=2, num_gpus=0),
+                                      cluster.wait_for_nodes(), wait_for_free_cpus(2)), added),
     })
     scaling = pd.ScalingConfig(num_workers=4, min_workers=2)
     config = {"epochs": 8, "read_dataset": True, "gates": {2: removed, 4: added}}
@@ -134,6 +147,7 @@ def test_no_resources_at_all_backs_off_then_resumes_when_a_node_joins(cluster, t
     cluster, node = cluster
     # The head's 2 CPUs are taken, so only `node` can hold workers.
     blocker = ray.remote(num_cpus=2)(lambda: time.sleep(3600)).remote()
+    wait_for_free_cpus(2, at_most=True)  # the blocker holds the head's CPUs before training
     logger = logging.getLogger("test-backoff")
     records = Records()
     logger.addHandler(records)
@@ -152,7 +166,7 @@ def test_no_resources_at_all_backs_off_then_resumes_when_a_node_joins(cluster, t
         or time.monotonic() > deadline)
     assert thread.is_alive(), outcome
     assert time.monotonic() < deadline, records.messages
-    cluster.add_node(num_cpus=2)
+    cluster.add_node(num_cpus=2, num_gpus=0)
     thread.join(timeout=180)
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]

@@ -55,12 +55,14 @@ def test_sigkilled_worker_restarts_and_ends_bit_identical(tmp_path, reference, k
     attempts = ledger(str(tmp_path), "killed")
     assert [a["status"] for a in attempts] == ["failed"] * len(kills) + ["completed"]
     assert all("WorkerLostError" in a["cause"] for a in attempts[:-1])
-    # Killed in epoch e: the restart resumes from the previous attempt's latest commit, the
-    # checkpoint of epoch e-1 (index e), or of e-2 when the kill beat the report to the driver.
+    # Killed in epoch e: the restart resumes from the checkpoint of epoch e-1 (index e). It is
+    # committed before the kill: rank 0 got past its sync report of epoch e-1 (committed once
+    # both ranks' reports were in), and a step of epoch e on rank 1 (step > 0) needed rank 0's
+    # gradients of that epoch.
     for attempt, (epoch, _, _) in kills.items():
         resumed = attempts[attempt + 1]["resumed_from"]
         index = int(re.search(r"checkpoint_(\d+)-a(\d+)$", resumed).group(1))
-        assert resumed.endswith(f"-a{attempt}") and epoch - 1 <= index <= epoch
+        assert resumed.endswith(f"-a{attempt}") and index == epoch
         assert attempts[attempt + 1]["steps_redone"] == attempts[attempt]["last_reported"] - index
     assert_no_train_actors()
 
@@ -94,7 +96,10 @@ def test_prefect_retry_resumes_from_the_latest_checkpoint(tmp_path, reference):
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_the_same_error_on_every_rank_is_a_bug_never_retried(tmp_path):
+def test_the_same_error_on_every_rank_is_a_bug_never_retried(tmp_path, monkeypatch):
+    # Both ranks' errors must reach the driver before it decides: a window no loaded machine
+    # outlasts (it ends as soon as every rank has failed).
+    monkeypatch.setenv("PREFECT_DISTRAIN_ERROR_GATHER_TIMEOUT_S", "120")
 
     def buggy(config):
         pd.report({"step": 0})
@@ -157,12 +162,14 @@ def test_a_killed_driver_leaves_no_workers_and_a_new_flow_run_finishes_the_job(
         doomed()
     """)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    driver = subprocess.Popen([sys.executable, "-c", script], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "driver.log"  # a file, not a pipe nobody reads while the driver runs
+    with open(log, "wb") as output:
+        driver = subprocess.Popen([sys.executable, "-c", script], env=env,
+                                  stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= 2):
-            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+            assert driver.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the driver never got half-way"
             time.sleep(0.2)
         assert len(live_train_actors()) == 2

@@ -44,7 +44,10 @@ def read_back(flow_run_id, run_name: str, wait_for_events: set[str]):
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventResourceFilter
 
-    deadline = time.monotonic() + 30
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=60)
+    deadline = time.monotonic() + 120
     ours = EventFilter(resource=EventResourceFilter(id_prefix=[
         f"prefect-distrain.run.{run_name}", f"prefect-distrain.checkpoint.{run_name}."]))
     with get_client(sync_client=True) as client:
@@ -135,18 +138,48 @@ def test_blocks_are_registered_through_the_entry_point():
 
 
 def test_train_accepts_a_ray_cluster_block(tmp_path):
+    """In a process not yet connected to Ray (as a deployment's flow run is), the block's
+    address and runtime_env are what ``train`` connects with; that Ray keeps running."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
     import ray
+    from prefect.settings import PREFECT_API_URL
 
-    RayCluster(address=ray.get_runtime_context().gcs_address).save("local-ray", overwrite=True)
+    address = ray.get_runtime_context().gcs_address
+    RayCluster(address=address, runtime_env={"env_vars": {"PD_BLOCK_MARK": "from-the-block"}}
+               ).save("local-ray", overwrite=True)
+    script = textwrap.dedent(f"""
+        import json, os, ray
+        from prefect import flow
+        import prefect_distrain as pd
+        from prefect_distrain.blocks import RayCluster
 
-    @flow
-    def on_block():
-        return pd.train(talkative_loop, config={"epochs": 1}, scaling=pd.ScalingConfig(),
-                        run=pd.RunConfig(name="on-block", storage=str(tmp_path)),
-                        ray_cluster=RayCluster.load("local-ray"))
+        def where(config):
+            pd.report({{"epoch": 0}})
+            return [ray.get_runtime_context().gcs_address, os.environ.get("PD_BLOCK_MARK")]
 
-    assert on_block().metrics["epoch"] == 0
-    assert ray.is_initialized()
+        @flow
+        def on_block():
+            assert not ray.is_initialized()
+            return pd.train(where, scaling=pd.ScalingConfig(),
+                            run=pd.RunConfig(name="on-block", storage={str(tmp_path)!r}),
+                            ray_cluster=RayCluster.load("local-ray"))
+
+        result = on_block()
+        print("RESULT", json.dumps(result.worker_results[0]), ray.is_initialized())
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    assert json.loads(line.split(" ", 1)[1].rsplit(" ", 1)[0]) == [address, "from-the-block"]
+    assert line.endswith(" False"), "train disconnected from the Ray it did not start"
+    assert ray.get(ray.remote(lambda: 42).remote()) == 42, "that Ray is still running"
 
 
 def test_settings_are_prefect_distrain_environment_variables(monkeypatch):

@@ -143,9 +143,12 @@ def records(flow_run_id, run_name: str):
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    deadline = time.monotonic() + 30
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=60)
+    deadline = time.monotonic() + 120
     with get_client(sync_client=True) as client:
-        while True:  # events arrive asynchronously
+        while True:  # the server stores events asynchronously
             events = client.read_events(EventFilter(
                 event=EventNameFilter(name=["prefect-distrain.run.completed"]),
                 resource=EventResourceFilter(id=[f"prefect-distrain.run.{run_name}"])),
@@ -263,7 +266,7 @@ def existing_cluster():
     from ray.cluster_utils import Cluster
 
     assert not ray.is_initialized()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4,
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0,
                                                             "include_dashboard": False})
     try:
         yield cluster
@@ -283,6 +286,15 @@ def assert_still_running(cluster) -> None:
         ray.shutdown()
 
 
+def wait_for_manifest(run_folder: str, name: str) -> None:
+    """On a worker: until the checkpoint ``name`` of a run on local disk is committed."""
+    path = os.path.join(run_folder, "_manifests", f"{name}.json")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{name} was never committed"
+        time.sleep(0.05)
+
+
 def resumable_loop(config):
     """Checkpoints every epoch; on attempt 0, rank 1 is SIGKILLed in epoch 1."""
     import signal
@@ -295,7 +307,7 @@ def resumable_loop(config):
             start = int(handle.read()) + 1
     for epoch in range(start, config["epochs"]):
         if (ctx.get_attempt(), epoch, ctx.get_world_rank()) == (0, 1, 1):
-            time.sleep(1.0)  # the checkpoint of epoch 0 commits first
+            wait_for_manifest(ctx.get_storage(), "checkpoint_000001-a0")  # epoch 0 committed
             os.kill(os.getpid(), signal.SIGKILL)
         with tempfile.TemporaryDirectory() as folder:
             with open(os.path.join(folder, "epoch"), "w") as handle:
@@ -377,13 +389,13 @@ def test_a_train_task_that_holds_a_cpu_fails_at_once_naming_the_fix(existing_clu
 
     plain = flow(four_workers, name="plain-runner",
                  task_runner=RayTaskRunner(address=existing_cluster.address))
-    began = time.monotonic()
     state = plain(return_state=True)
     assert state.is_failed()
     with pytest.raises(pd.ResourcesUnavailableError) as caught:
         state.result()
-    assert time.monotonic() - began < 60
+    # The capacity check's message (at once), not the placement timeout's ("waited N s").
     message = str(caught.value)
+    assert "waited" not in message and not caught.value.retryable
     assert "holds CPU 1 itself" in message and "remote_options(num_cpus=0)" in message
     assert "pd.ray_task_runner" in message
 
@@ -449,4 +461,5 @@ def test_the_example_pipeline_runs_on_the_ephemeral_api_with_one_prefect_server(
     assert accuracy > 0.9
     assert output.count("Starting temporary server") == 1, output[-4000:]
     assert "Task run 'train-torch' - Training finished" in output
+    assert "Retry 1/1" not in output, "the flow's train task needed its Prefect retry"
     print(f"example flow on the ephemeral API: {time.monotonic() - began:.1f} s")

@@ -54,9 +54,11 @@ def test_submit_map_and_with_options(tmp_path):
                                                  {"epochs": 2, "scale": 5}],
                               scaling=unmapped(pd.ScalingConfig(num_workers=1)),
                               run=unmapped(pd.RunConfig(storage=str(tmp_path))))
+        done = submitted.result(), [f.result() for f in mapped]
+        # After the others: the four workers above fill the 4 CPUs, and this one would wait.
         renamed = pd.train.with_options(name="train-renamed", retries=0)(
             rank_loop, config={"epochs": 1}, run=pd.RunConfig(name="renamed", storage=str(tmp_path)))
-        return submitted.result(), [f.result() for f in mapped], renamed
+        return (*done, renamed)
 
     submitted, mapped, renamed = sweep()
     assert submitted.worker_results == [{"rank": 0, "world": 2}, {"rank": 1, "world": 2}]

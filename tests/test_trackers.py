@@ -48,7 +48,14 @@ def tracked_loop(config):
             start = int(pathlib.Path(folder, "model.txt").read_text().split()[1]) + 1
     for step in range(start, config["steps"] + 1):
         if ctx.get_attempt() == 0 and [step, rank] == config.get("kill"):
-            time.sleep(2)  # let the other rank's last report and commit reach the driver
+            # Rank 0's last checkpoint (of an even step) is committed before the kill.
+            last = max(s for s in range(2, step, 2))
+            manifest = pathlib.Path(ctx.get_storage(), "_manifests",
+                                    f"checkpoint_{last:06d}-a0.json")
+            deadline = time.monotonic() + 120
+            while not manifest.exists():
+                assert time.monotonic() < deadline, f"checkpoint {last} was never committed"
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
         metrics = {"loss": 1.0 / step + rank, "acc": step * 0.1, "converged": False,
                    "phase": "train", "grad": {"norm": step * 2.0}}
@@ -187,9 +194,7 @@ def test_tensorboard_all_ranks_on_s3(s3_storage, tmp_path):
     with pd.Trainer(num_workers=2, run=run) as trainer:
         trainer.fit(tracked_loop, config=CONFIG,
                     callbacks=[recorder, TensorBoardLogger(all_ranks=True)])
-    if "storage" not in recorder.info[0]:
-        pytest.skip("the controller does not pass storage= to start_training yet: without it "
-                    "a tracker has no credentials for the run's S3 storage")
+    assert "storage" in recorder.info[0], "start_training gets the run's storage"
     fs = s3fs.S3FileSystem(**s3_storage["storage_options"])
     fs.invalidate_cache()
     remote = "models/runs/tb-s3/tensorboard"

@@ -91,12 +91,8 @@ def reporting_loop(config):
 
 def test_reports_arrive_in_order_with_added_keys(storage):
     recorder = Recorder()
-    trainer = pd.Trainer(backend="torch", num_workers=2, run=storage)
-    trainer.start()
-    try:
+    with pd.Trainer(backend="torch", num_workers=2, run=storage) as trainer:
         result = trainer.fit(reporting_loop, config={"steps": 5}, callbacks=[recorder])
-    finally:
-        trainer.shutdown()
     assert [[r["step"] for r in results] for results in recorder.results] == \
         [[s, s] for s in range(5)]
     assert [[r["rank"] for r in results] for results in recorder.results] == [[0, 1]] * 5
@@ -174,16 +170,15 @@ def failing_loop(config):
 
 
 def test_worker_exception_names_rank_keeps_type_and_leaves_no_actors(storage):
-    trainer = pd.Trainer(num_workers=2, run=storage)
-    with pytest.raises(ValueError, match=r"bad batch on purpose \(rank 1\)") as caught:
-        trainer.run(failing_loop, config={"bad_rank": 1})
-    trainer.shutdown()
+    with pd.Trainer(num_workers=2, run=storage) as trainer:
+        with pytest.raises(ValueError, match=r"bad batch on purpose \(rank 1\)") as caught:
+            trainer.run(failing_loop, config={"bad_rank": 1})
     error = caught.value
     assert error.rank == 1
     assert isinstance(error.__cause__, pd.RemoteTraceback)
     assert "rank 1 of 2" in str(error.__cause__)
     assert "in failing_loop" in str(error.__cause__)
-    assert any("rank 1 of 2" in note for note in getattr(error, "__notes__", ["rank 1 of 2"]))
+    assert any("rank 1 of 2" in note for note in error.__notes__)
     assert_no_train_actors()
 
 
@@ -244,15 +239,18 @@ def test_bad_input_gets_errors_that_name_the_fix(storage):
         with lock:
             pass
 
+    # Refused before anything starts: no workers, nothing written to storage.
     trainer = pd.Trainer(num_workers=1, run=storage)
     with pytest.raises(pd.ConfigurationError,
                        match=r"can't be pickled .* captures variable 'lock' \(_thread\.lock\)"):
         trainer.run(captures_a_lock)
     with pytest.raises(pd.ConfigurationError, match="must be callable"):
         trainer.run(captures_a_lock())
-    with pytest.raises(pd.ConfigurationError, match="no such checkpoint directory"):
-        trainer.run(reporting_loop, resume_from_checkpoint=str(storage.storage) + "/nope")
-    trainer.shutdown()
+    assert not trainer.started and not os.path.exists(storage.storage)
+    assert_no_train_actors()
+    with trainer:
+        with pytest.raises(pd.ConfigurationError, match="no such checkpoint directory"):
+            trainer.run(reporting_loop, resume_from_checkpoint=str(storage.storage) + "/nope")
     with pytest.raises(pd.ConfigurationError, match="no such directory"):
         pd.Checkpoint.from_directory("/definitely/not/here")
     with pytest.raises(RuntimeError, match=r"report\(\) was called outside a training function"):
