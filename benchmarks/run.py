@@ -119,6 +119,23 @@ class Bench:
             ratios.append(medians["report"] / medians["plain"])
         self.figures["P2 step with report / without"] = {
             **spread(ratios), "goal": "<= 1.02", "met": statistics.median(ratios) <= 1.02}
+        self.exact_stop_cost(config)
+
+    def exact_stop_cost(self, config: dict) -> None:
+        """P2b: the same steps with an exact-stop callback attached (EarlyStopping on a metric
+        never reported, so it never stops): every report waits for the driver's verdict."""
+        costs, ratios = [], []
+        for _ in range(self.repeat):
+            for hidden, into in ((0, costs), (1024, ratios)):
+                judge = pd.callbacks.EarlyStopping(metric="never-reported")
+                with pd.Trainer(num_workers=2, run=self.run_config("p2b")) as trainer:
+                    result = trainer.fit(step_overhead_loop, config={**config, "hidden": hidden},
+                                         callbacks=[judge])
+                medians = result.worker_results[0]
+                into.append((medians["report"] - medians["plain"]) * 1000 if into is costs
+                            else medians["report"] / medians["plain"])
+        self.figures["P2b exact stop: cost per report (ms)"] = spread(costs)
+        self.figures["P2b exact stop: step with report / without, MLP 1024"] = spread(ratios)
 
     # -- P3 / P4 -----------------------------------------------------------------------------
 
