@@ -40,8 +40,10 @@ from .exceptions import (
     UnsafeCheckpointError,
     WorkerError,
     StopTraining,
+    StorageError,
     WorkerLostError,
 )
+from .lease import LeaseLostError, RunInUseError
 from .result import TrainResult
 from .session import (
     TrainContext,
@@ -50,7 +52,7 @@ from .session import (
     get_dataset_shard,
     report,
 )
-from .storage import best_checkpoint, latest_checkpoint
+from .checkpoint_manager import best_checkpoint, latest_checkpoint
 from .trainer import Trainer
 from .tune import (
     ASHAScheduler,
@@ -90,8 +92,9 @@ __all__ = [
     "callbacks", "choice", "grid", "loguniform", "tune", "uniform",
     "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
     "CheckpointUploadError", "ConfigurationError", "DataConfig", "DistrainError", "FailureConfig",
-    "HorovodConfig", "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError",
-    "RunConfig", "ScalingConfig", "StopTraining", "TensorflowConfig", "TorchConfig", "TrainContext",
+    "HorovodConfig", "LeaseLostError", "PrintingCallback", "RemoteTraceback",
+    "ResourcesUnavailableError", "RunConfig", "RunInUseError", "ScalingConfig", "StopTraining",
+    "StorageError", "TensorflowConfig", "TorchConfig", "TrainContext",
     "TrainResult", "Trainer", "TrainingCallback", "UnequalReportsError", "UnsafeCheckpointError",
     "WorkerError",
     "WorkerLostError", "available_backends", "best_checkpoint", "get_checkpoint", "get_context",

@@ -23,8 +23,10 @@ from prefect.events import emit_event
 
 from .callbacks import TrainingCallback, progress_value
 from .checkpoint import Checkpoint
+from .checkpoint_manager import read_attempts
 from .result import TrainResult
-from .storage import RunStorage, redact_url
+from .fs import redact_url
+from .storage import RunStorage
 
 
 def artifact_key(text: str) -> str:
@@ -71,7 +73,7 @@ def publish_checkpoint_table(result: TrainResult) -> None:
     """A table of the run's kept checkpoints with their metrics, best first."""
     if not result.best_checkpoints:
         return
-    rows = [{"index": c.index, "attempt": c.manifest["attempt"], "path": checkpoint_link(c.path),
+    rows = [{"index": c.index, "attempt": c.manifest.attempt, "path": checkpoint_link(c.path),
              **_shown_metrics(metrics)} for c, metrics in result.best_checkpoints]
     create_table_artifact(
         table=rows, key=f"{artifact_key(result.run_name)}-checkpoints",
@@ -81,7 +83,7 @@ def publish_checkpoint_table(result: TrainResult) -> None:
 def publish_attempt_ledger(storage: RunStorage) -> None:
     """One row per start of the worker group in this run, across Prefect retries: how it
     ended, its world size, the checkpoint it resumed from and the steps it had to redo."""
-    attempts = storage.read_attempts()
+    attempts = read_attempts(storage)
     if not attempts:
         return
     rows = [{"attempt": a["attempt"], "status": a["status"], "world size": a["world_size"],
@@ -175,7 +177,7 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
                         error: BaseException | None = None,
                         tails: dict[int, Any] | None = None) -> str:
     """The markdown summary of a finished run, successful or not; returns the markdown."""
-    attempts = storage.read_attempts()
+    attempts = read_attempts(storage)
     status = "completed" if error is None else "failed"
     world = result.world_size if result else (attempts[-1]["world_size"] if attempts else "?")
     lines = [f"# Training run `{storage.name}`: {status}", "",
@@ -197,7 +199,7 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
         except Exception as failure:  # noqa: BLE001 - the summary goes on without the image
             lines += ["", f"(the chart could not be written: {type(failure).__name__})", ""]
     checkpoints = result.best_checkpoints if result else [
-        (storage.checkpoint(m["directory"], m), m["metrics"]) for m in storage.read_manifests()]
+        (storage.checkpoint(m), m.metrics) for m in storage.read_manifests()[0]]
     if checkpoints:
         lines += ["## Committed checkpoints" + (", best first" if result else ""), "",
                   "| checkpoint | metrics |", "|---|---|"]

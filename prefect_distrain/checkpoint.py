@@ -2,7 +2,8 @@
 
 Same names as Ray Train's ``Checkpoint`` so a training loop ports by changing its imports.
 A Checkpoint is only a reference; the files move when ``to_directory`` / ``as_directory`` are
-called, never on construction.
+called, never on construction. A committed checkpoint carries its manifest: exactly the files it
+lists are read, each checked against its size and sha256.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from .exceptions import CheckpointCorruptError, ConfigurationError
+from .fs import file_digest, filesystem, is_local, redact_url
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -32,21 +36,19 @@ class Checkpoint:
 
     path: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    manifest: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    manifest: Manifest | None = field(default=None, repr=False, compare=False)
 
     @property
     def index(self) -> int | None:
         """The checkpoint's number within its run (None for one not committed by a run)."""
-        return self.manifest["index"] if self.manifest else None
+        return self.manifest.index if self.manifest else None
 
     @property
     def metrics(self) -> dict[str, Any]:
         """The metrics rank 0 reported with this checkpoint."""
-        return dict(self.manifest["metrics"]) if self.manifest else {}
+        return dict(self.manifest.metrics) if self.manifest else {}
 
     def __repr__(self) -> str:
-        from .storage import redact_url
-
         return f"Checkpoint(path={redact_url(self.path)!r})"
 
     def without_credentials(self) -> Checkpoint:
@@ -66,29 +68,34 @@ class Checkpoint:
 
     @property
     def filesystem(self) -> fsspec.AbstractFileSystem:
-        return self._fs_and_path()[0]
+        return self.location()[0]
 
     @property
     def is_local(self) -> bool:
-        return isinstance(self.filesystem, LocalFileSystem)
+        return is_local(self.filesystem)
 
-    def _fs_and_path(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        fs, path = fsspec.core.url_to_fs(self.path, **self.storage_options)
-        return fs, path
+    def location(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        """(filesystem, path on it) of the checkpoint's folder."""
+        return filesystem(self.path, self.storage_options)
 
     def to_directory(self, path: str | os.PathLike | None = None) -> str:
         """Copy the checkpoint's files into ``path`` (a new temporary directory if None)."""
         target = os.fspath(path) if path is not None else tempfile.mkdtemp(prefix="checkpoint-")
         os.makedirs(target, exist_ok=True)
-        fs, src = self._fs_and_path()
-        if isinstance(fs, LocalFileSystem):
-            shutil.copytree(src, target, dirs_exist_ok=True)
-        elif self.manifest:  # exactly the committed files, fetched concurrently
-            names = list(self.manifest["files"])
-            for folder in {os.path.dirname(os.path.join(target, n)) for n in names}:
+        fs, src = self.location()
+        if self.manifest:  # exactly the committed files (their names are checked when parsed)
+            names = list(self.manifest.files)
+            for folder in {os.path.dirname(os.path.join(target, *n.split("/"))) for n in names}:
                 os.makedirs(folder, exist_ok=True)
-            fs.get([f"{src.rstrip('/')}/{n}" for n in names],
-                   [os.path.join(target, *n.split("/")) for n in names])
+            sources = [f"{src.rstrip('/')}/{n}" for n in names]
+            targets = [os.path.join(target, *n.split("/")) for n in names]
+            if is_local(fs):
+                for source, destination in zip(sources, targets):
+                    shutil.copyfile(source, destination)
+            elif names:
+                fs.get(sources, targets)
+        elif is_local(fs):
+            shutil.copytree(src, target, dirs_exist_ok=True)
         else:
             fs.get(src.rstrip("/") + "/", target.rstrip("/") + "/", recursive=True)
         self._verify(target)
@@ -97,26 +104,25 @@ class Checkpoint:
     def _verify(self, local_dir: str) -> None:
         if not self.manifest:
             return
-        from .storage import file_digest
-
-        for name, expected in self.manifest["files"].items():
+        for name, expected in self.manifest.files.items():
             path = os.path.join(local_dir, *name.split("/"))
             if not os.path.isfile(path):
-                raise CheckpointCorruptError(f"checkpoint {self.path}: file {name!r} is missing")
-            size, sha256 = file_digest(path)
-            if (size, sha256) != (expected["size"], expected["sha256"]):
                 raise CheckpointCorruptError(
-                    f"checkpoint {self.path}: file {name!r} does not match its manifest "
-                    f"(size {size} vs {expected['size']}, sha256 {sha256[:12]}... vs "
-                    f"{expected['sha256'][:12]}...); it was changed after the commit")
+                    f"checkpoint {redact_url(self.path)}: file {name!r} is missing")
+            size, sha256 = file_digest(path)
+            if (size, sha256) != (expected.size, expected.sha256):
+                raise CheckpointCorruptError(
+                    f"checkpoint {redact_url(self.path)}: file {name!r} does not match its "
+                    f"manifest (size {size} vs {expected.size}, sha256 {sha256[:12]}... vs "
+                    f"{expected.sha256[:12]}...); it was changed after the commit")
 
     @contextlib.contextmanager
     def as_directory(self) -> Iterator[str]:
-        """A local directory with the files: the checkpoint itself when it is local (no copy),
-        else a temporary download that is removed afterwards. Treat it as read-only."""
-        fs, src = self._fs_and_path()
-        if isinstance(fs, LocalFileSystem):
-            self._verify(src)
+        """A local directory with the files, removed afterwards. A committed checkpoint is
+        always a copy (writing into it can't change what was committed); a local folder of
+        your own is handed out as it is."""
+        fs, src = self.location()
+        if is_local(fs) and not self.manifest:
             yield src
             return
         target = self.to_directory()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .exceptions import ConfigurationError
+from .fs import absolute_url
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -96,6 +97,11 @@ class RunConfig:
     ``prefect_distrain.blocks.CheckpointStorage``, which keeps credentials as secrets);
     ``storage_options`` go to fsspec unchanged and are never shown.
 
+    A run has one writer at a time (a lease in its folder): a second ``train`` of the same run
+    fails at once naming the first, unless that one is gone (its lease expired, its process on
+    this host ended, or this is a Prefect retry of its task run). ``takeover=True`` takes the
+    run over from a writer you know is gone; one that is still alive stops committing.
+
     ``total``: what ``progress_key`` of rank 0's reports counts up to (default: the number of
     reports), for the Prefect progress artifact and the terminal progress bar.
     ``other_ranks_log_level``: rank 0's log lines and prints reach the run log from INFO up,
@@ -108,8 +114,11 @@ class RunConfig:
     total: int | None = None
     progress_key: str = "_training_iteration"
     other_ranks_log_level: str = "WARNING"
+    takeover: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.takeover, bool):
+            raise ConfigurationError(f"takeover must be True or False (got {self.takeover!r})")
         if self.name is not None and not (isinstance(self.name, str) and _RUN_NAME.match(self.name)):
             raise ConfigurationError(
                 f"run name {self.name!r} is not usable as a folder name: use letters, digits, "
@@ -128,11 +137,12 @@ class RunConfig:
                 "a storage block (prefect_distrain.blocks.CheckpointStorage)")
 
     def resolved_storage(self) -> tuple[str, dict[str, Any]]:
-        """(URL, storage options): a block's own options first, then ``storage_options``."""
+        """(URL, storage options): a block's own options first, then ``storage_options``. A
+        relative local path is made absolute here, once, against this process's directory."""
         if isinstance(self.storage, str):
-            return self.storage, dict(self.storage_options)
+            return absolute_url(self.storage), dict(self.storage_options)
         url, options = self.storage.fsspec_storage()
-        return url, {**options, **self.storage_options}
+        return absolute_url(url), {**options, **self.storage_options}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import contextlib
 import inspect
 import contextvars
 import logging
-import math
 import os
 import pickle
 import queue
@@ -39,7 +38,10 @@ from .exceptions import (
 )
 from .logs import WorkerLogs
 from .session import AUTO_PASS_KEY, TrainContext
-from .storage import RunStorage, redact_url, select_retained
+from .checkpoint_manager import CheckpointManager
+from .fs import redact_url
+from .manifest import FileEntry
+from .storage import RunStorage
 from .worker_group import WorkerGroup
 
 #: Rank-0 metrics are logged at INFO at most this often (plus every checkpoint), so a loop that
@@ -57,12 +59,12 @@ class RunSpec:
     config: Any
     storage: RunStorage
     backend_name: str
+    #: Commits, retention and the lease of the run (the only place that decides them).
+    checkpoints: CheckpointManager
     checkpoint_config: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume_from: Checkpoint | None = None
     callbacks: list[TrainingCallback] = field(default_factory=list)
     attempt: int = 0
-    committed: list[dict] = field(default_factory=list)
-    protected: set[str] = field(default_factory=set)
     #: Rank 0's reports, appended as iterations complete (kept by the caller across restarts).
     history: list[dict[str, Any]] = field(default_factory=list)
     #: Every rank's reports: one list (in rank order) per iteration, beside ``history``.
@@ -80,7 +82,7 @@ class RunSpec:
     def first_index(self) -> int:
         """Report (and checkpoint) numbers go on after the checkpoint the run resumes from."""
         resumed = self.resume_from.index if self.resume_from is not None else None
-        latest = max((m["index"] for m in self.committed), default=0)
+        latest = max((m.index for m in self.checkpoints.committed), default=0)
         return max(resumed or 0, latest) + 1
 
 
@@ -157,8 +159,9 @@ def takes_config(fn: Callable) -> bool:
 
 
 class _Commits:
-    """Commits a checkpoint once every rank that reported files for it has uploaded them, then
-    applies retention. Manifests are the only truth: what is not committed does not exist."""
+    """Collects the files of each reported checkpoint from the ranks that declared it; once all
+    are up, the checkpoint manager commits it. Manifests are the only truth: what is not
+    committed does not exist."""
 
     def __init__(self, spec: RunSpec, group: WorkerGroup, callbacks: _Callbacks,
                  logger: logging.Logger):
@@ -167,11 +170,9 @@ class _Commits:
         self.callbacks = callbacks
         self.world_size = len(group)
         self.logger = logger
-        self.committed: list[dict] = list(spec.committed)
         self.waiting: dict[int, dict[str, Any]] = {}
-        self.swept = False
 
-    def uploaded(self, index: int, rank: int, files: dict) -> None:
+    def uploaded(self, index: int, rank: int, files: dict[str, FileEntry]) -> None:
         self.waiting.setdefault(index, {"files": {}})["files"][rank] = files
         self._commit_if_ready(index)
 
@@ -185,42 +186,13 @@ class _Commits:
         if "ranks" not in entry or set(entry["files"]) != entry["ranks"]:
             return
         del self.waiting[index]
-        files: dict[str, dict] = {}
-        for rank in sorted(entry["files"]):
-            for name, meta in entry["files"][rank].items():
-                if name in files:
-                    raise ConfigurationError(
-                        f"ranks {files[name]['rank']} and {rank} both wrote {name!r} into "
-                        f"checkpoint {index}: report the checkpoint from one rank only, or give "
-                        f"each rank's files their own names (e.g. f'shard_{{rank}}.pt')")
-                files[name] = meta
-        config = self.spec.checkpoint_config
-        attribute = config.checkpoint_score_attribute
-        if attribute is not None and attribute not in entry["metrics"]:
-            shown = sorted(k for k in entry["metrics"] if not k.startswith("_"))
-            raise ConfigurationError(
-                f"checkpoint_score_attribute {attribute!r} is not in the metrics reported with "
-                f"checkpoint {index} (reported: {', '.join(shown) or 'none'}): report it with "
-                "every checkpoint, or change CheckpointConfig(checkpoint_score_attribute=...)")
-        storage = self.spec.storage
-        manifest = storage.commit(index, self.spec.attempt, files, metrics=entry["metrics"],
+        manager = self.spec.checkpoints
+        manifest = manager.commit(index, self.spec.attempt, entry["files"], entry["metrics"],
                                   world_size=self.world_size, backend=self.spec.backend_name)
-        self.committed.append(manifest)
-        if config.upload == "sync":
+        if self.spec.checkpoint_config.upload == "sync":
             self.group.acknowledge_commit(index, sorted(entry["files"]))
-        checkpoint = storage.checkpoint(manifest["directory"], manifest)
+        checkpoint = manager.checkpoint(manifest)
         self.logger.info("Committed checkpoint %d: %s", index, redact_url(checkpoint.path))
-        if not self.swept:
-            self.swept = True
-            removed = storage.remove_torn(self.committed, self.spec.attempt)
-            if removed:
-                self.logger.info("Removed torn checkpoint folders of earlier attempts: %s",
-                                 ", ".join(removed))
-        retained = select_retained(self.committed, config.num_to_keep, attribute,
-                                   config.checkpoint_score_order, self.spec.protected)
-        for gone in [m for m in self.committed if m not in retained]:
-            storage.delete(gone)
-        self.committed = retained
         self.callbacks.call("on_checkpoint_commit", checkpoint.without_credentials(),
                             index=index, attempt=self.spec.attempt)
         if self.spec.can_scale_up is not None and self.spec.can_scale_up():
@@ -413,7 +385,6 @@ def _call(callback: TrainingCallback, hook: str, logger: logging.Logger, *args, 
 @dataclass
 class RunOutcome:
     returns: list[Any]
-    committed: list[dict]
     #: Why a callback stopped the run early, if one did.
     stopped: str | None = None
 
@@ -456,7 +427,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     world_size = len(group)
     try:
         returns, errors, unfinished = _collect(generators, iterations, commits, callbacks,
-                                               spec.logs)
+                                               spec.logs, spec.checkpoints)
         if errors:
             raise _worker_failure(errors, world_size, spec)
         iterations.flush(stopped=callbacks.stop_reason is not None)
@@ -475,15 +446,16 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     callbacks.close()
     if callbacks.error is not None:
         raise callbacks.error
-    return RunOutcome(returns, commits.committed, callbacks.stop_reason)
+    return RunOutcome(returns, callbacks.stop_reason)
 
 
-#: How often the driver loop looks at the callbacks (a fatal error, a stop) while it waits.
-_CALLBACK_POLL_S = 0.5
+#: How often the driver loop looks at the callbacks (a fatal error, a stop) and the run's lease
+#: while it waits for the workers.
+_POLL_S = 0.5
 
 
 def _collect(generators: list, iterations: _Iterations, commits: _Commits,
-             callbacks: _Callbacks, logs: WorkerLogs | None
+             callbacks: _Callbacks, logs: WorkerLogs | None, checkpoints: CheckpointManager
              ) -> tuple[list[Any], dict[int, Any], list[int]]:
     """Read every rank's outbox until each returns or fails; after the first failure, wait
     only a short window for the other ranks' outcomes, and after a stop, the grace period."""
@@ -495,11 +467,12 @@ def _collect(generators: list, iterations: _Iterations, commits: _Commits,
     while pending:
         if callbacks.error is not None:
             raise callbacks.error
+        checkpoints.check_lease(look=False)
         if callbacks.stop_reason is not None and gather_deadline is None:
             gather_deadline = time.monotonic() + settings.settings().stop_grace_s
-        wait = _CALLBACK_POLL_S if callbacks.callbacks else None
+        wait = _POLL_S
         if gather_deadline is not None:
-            wait = min(wait or math.inf, max(0.0, gather_deadline - time.monotonic()))
+            wait = min(wait, max(0.0, gather_deadline - time.monotonic()))
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
         if not ready:
             if gather_deadline is not None and time.monotonic() >= gather_deadline:

@@ -108,6 +108,13 @@ class UnequalReportsError(DistrainError):
         return (_rebuild, (type(self), self.args, {"counts": self.counts}))
 
 
+class StorageError(DistrainError):
+    """The driver could not read or write the run's storage (disk full, no permission, a
+    network error): infrastructure, retried; the original error is the cause."""
+
+    retryable = True
+
+
 class CheckpointCorruptError(DistrainError):
     """A checkpoint's files do not match its manifest (missing, wrong size or hash)."""
 

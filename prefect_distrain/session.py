@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from .checkpoint import Checkpoint
-from .exceptions import StopTraining
+from .exceptions import ConfigurationError, StopTraining
+from .fs import is_local
 from .storage import RunStorage
 
 
@@ -224,21 +225,45 @@ class _Session:
             return
         index = self.iteration
         rank, attempt = self.context.get_world_rank(), self.context.get_attempt()
+        folder, ours = self._source(checkpoint)
         if self.upload == "sync":
-            files = self.storage.upload(checkpoint.path, index, attempt, rank)
+            try:
+                files = self.storage.upload(folder, index, attempt, rank)
+            finally:
+                if ours:
+                    shutil.rmtree(folder, ignore_errors=True)
             self.outbox.put(("report", {"metrics": result, "awaits_verdict": awaits,
                                         "checkpoint": {"index": index, "files": files}}))
             self._wait_for_driver(lambda: self._committed >= index)
             return
         self.wait_for_upload()  # at most one upload in flight per rank
         self._raise_failed_upload()
-        staged = _take_files(checkpoint.path, index)
+        staged = folder if ours else _take_files(folder, index, move=not self._protected(
+            checkpoint, folder))
         self.outbox.put(("report", {"metrics": result, "awaits_verdict": awaits,
                                     "checkpoint": {"index": index, "files": None}}))
         self._uploader = threading.Thread(
             target=self._upload_in_background, args=(staged, index, attempt, rank),
             name=f"checkpoint-upload-{index}", daemon=True)
         self._uploader.start()
+
+    def _source(self, checkpoint: Checkpoint) -> tuple[str, bool]:
+        """The local folder to upload the reported checkpoint from, and whether it is a copy
+        of our own (to remove afterwards). A checkpoint in remote storage (``get_checkpoint()``
+        on S3, say) is downloaded first, its files verified."""
+        fs, path = checkpoint.location()
+        if not is_local(fs):
+            return checkpoint.to_directory(tempfile.mkdtemp(prefix="checkpoint-source-")), True
+        if not os.path.isdir(path):
+            raise ConfigurationError(
+                f"report(checkpoint=...): {path!r} is not a directory. Write the files into a "
+                "folder and pass Checkpoint.from_directory(folder)")
+        return path, False
+
+    def _protected(self, checkpoint: Checkpoint, folder: str) -> bool:
+        """Files that must stay where they are: a committed checkpoint's, or anything in the
+        run's storage. Async uploads copy these instead of moving them."""
+        return checkpoint.manifest is not None or self.storage.contains(folder)
 
     def _upload_in_background(self, staged: str, index: int, attempt: int, rank: int) -> None:
         try:
@@ -299,18 +324,25 @@ class _Session:
         self._raise_failed_upload()
 
 
-def _take_files(folder: str, index: int) -> str:
+def _take_files(folder: str, index: int, move: bool = True) -> str:
     """Move the reported files to a staging folder beside them (a rename: instant, however
-    large), or copy those a rename can't move (another filesystem, no write access). Either
-    way, what the training function writes there next can't change the checkpoint."""
+    large), or copy them when they must stay (``move=False``) or a rename can't move them
+    (another filesystem, no write access). Either way, what the training function writes
+    there next can't change the checkpoint."""
     source = os.path.abspath(folder)
-    try:
-        staged = tempfile.mkdtemp(prefix=f".checkpoint-{index}-", dir=os.path.dirname(source))
-    except OSError:
-        staged = tempfile.mkdtemp(prefix=f"checkpoint-{index}-")
+    staged = None
+    if move:
+        try:
+            staged = tempfile.mkdtemp(prefix=f".checkpoint-{index}-",
+                                      dir=os.path.dirname(source))
+        except OSError:
+            pass
+    staged = staged or tempfile.mkdtemp(prefix=f"checkpoint-{index}-")
     for name in os.listdir(source):
         src, dst = os.path.join(source, name), os.path.join(staged, name)
         try:
+            if not move:
+                raise OSError("copied, not moved")
             os.rename(src, dst)
         except OSError:
             if os.path.isdir(src):

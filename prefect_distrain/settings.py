@@ -40,6 +40,10 @@ class DistrainSettings(BaseSettings):
         default=2.0, ge=0, description="After the first worker fails, how long to wait for the "
         "other ranks' outcomes: long enough to see that every rank hit the same bug, short "
         "enough not to stall.")
+    lease_timeout_s: float = Field(
+        default=60.0, gt=0, description="A run's writer renews its lease every quarter of this; "
+        "a lease not renewed for this long is taken over by the next writer of the run name "
+        "(sooner when its process is known to be gone). Long enough for a busy driver.")
     allow_autoscaling: bool = Field(
         default=False, description="Skip the 'can this cluster ever hold the group' check, "
                                    "for clusters with an autoscaler.")

@@ -1,123 +1,79 @@
-"""A run's checkpoints on any fsspec filesystem, committed atomically by a manifest written last.
+"""A run's folder on any fsspec filesystem: plain I/O, no policy.
 
 Layout of one run::
 
     <storage>/<run name>/
         checkpoint_000003-a0/              files of every rank that reported checkpoint 3,
                                            written by attempt 0 (never shared across attempts)
-        _manifests/checkpoint_000003-a0.json   the commit: written by the driver after every
-                                           reporting rank has uploaded; lists each file's size
-                                           and sha256, the ranks, metrics, attempt, world size
+        _manifests/checkpoint_000003-a0.json   the commit: written last, once, by the driver
+                                           after every reporting rank has uploaded
+        _attempts/attempt_00000.json       one record per start of the worker group, claimed
+                                           by an exclusive create
+        _lease/lease_000001.json           who writes the run now (checkpoint_manager.py)
 
-Only checkpoints with a manifest exist for readers (``latest``, "best", resume). A folder without
-one is staging: in progress, or torn by a dead attempt; the latter is removed by the next
-attempt's first commit. Retention deletes a manifest before its folder, so no manifest ever
-points at missing files.
+What is committed, kept, latest, best and resumed from is decided in checkpoint_manager.py; this
+module only moves bytes. Records are written atomically (``fs.atomic_write``); a manifest is
+written once, by an exclusive create, so no writer ever replaces another's.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
+import logging
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
+from . import fs as fsutil
 from .checkpoint import Checkpoint
 from .exceptions import CheckpointUploadError, ConfigurationError
+from .manifest import FileEntry, Manifest, ManifestError, checkpoint_dirname, parse_dirname
 
-MANIFEST_SCHEMA_VERSION = 1
 MANIFESTS = "_manifests"
 ATTEMPTS = "_attempts"
-_DIRNAME = re.compile(r"^checkpoint_(\d{6,})-a(\d+)$")
-_HASH_CHUNK = 8 * 1024 * 1024
+LEASE = "_lease"
 
-
-def checkpoint_dirname(index: int, attempt: int) -> str:
-    return f"checkpoint_{index:06d}-a{attempt}"
-
-
-def redact_url(url: str) -> str:
-    """The URL without user, password, query or fragment: safe for logs and artifacts."""
-    parts = urlsplit(url)
-    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive)
-        return url
-    if "@" not in parts.netloc and not parts.query and not parts.fragment:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def filesystem(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec's filesystem for a URL, with errors that say what to install or change."""
-    try:
-        return fsspec.core.url_to_fs(url, **storage_options)
-    except ImportError as error:  # fsspec's message names the package to install
-        raise ImportError(f"storage {redact_url(url)!r} needs an extra package: {error}. "
-                          "For s3:// install prefect-distrain[s3]") from error
-    except ValueError as error:
-        if "Protocol not known" not in str(error):
-            raise
-        known = ", ".join(sorted(p for p in fsspec.available_protocols() if len(p) > 1)[:20])
-        raise ConfigurationError(
-            f"storage {redact_url(url)!r}: unknown protocol. Use a local path or a URL of a "
-            f"protocol fsspec knows ({known}, ...)") from error
-
-
-def file_digest(path: str) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def _json_default(value: Any) -> Any:
-    item = getattr(value, "item", None)  # numpy / torch scalars
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            pass
-    return repr(value)
+logger = logging.getLogger("prefect_distrain")
 
 
 @dataclass(frozen=True)
 class RunStorage:
-    """The folder of one run and how to reach it. Sent to the workers, so it holds no client."""
+    """The folder of one run and how to reach it. Sent to the workers, so it holds no client.
+
+    ``storage`` is made absolute when the value is built (on the driver): a relative local path
+    means the driver's working directory, on every worker too."""
 
     storage: str
     name: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "storage", fsutil.absolute_url(self.storage))
+
     @property
     def run_url(self) -> str:
-        base = self.storage
-        if "://" not in base:
-            base = os.path.abspath(os.path.expanduser(base))
-        return base.rstrip("/") + "/" + self.name
+        return self.storage.rstrip("/") + "/" + self.name
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        return filesystem(self.run_url, self.storage_options)
+        return fsutil.filesystem(self.run_url, self.storage_options)
 
-    def _join(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
+        """The filesystem path of ``<run>/<parts...>``."""
         return "/".join([self.filesystem()[1].rstrip("/"), *parts])
 
-    def checkpoint(self, dirname: str, manifest: dict | None = None) -> Checkpoint:
-        return Checkpoint(f"{self.run_url}/{dirname}", self.storage_options, manifest=manifest)
+    def checkpoint(self, manifest: Manifest) -> Checkpoint:
+        return Checkpoint(f"{self.run_url}/{manifest.directory}", self.storage_options,
+                          manifest=manifest)
 
-    # -- driver: before the run -------------------------------------------------------------------
+    def contains(self, path: str) -> bool:
+        """Whether a checkpoint path lies in this storage (any run of it)."""
+        root = self.storage.rstrip("/") + "/"
+        return fsutil.absolute_url(path).rstrip("/").startswith(root)
+
+    # -- before the run ---------------------------------------------------------------------------
 
     def check_writable(self) -> str:
         """Write a marker file into the run's folder; return its path for the workers to find.
@@ -127,19 +83,23 @@ class RunStorage:
         """
         fs, root = self.filesystem()
         marker = f"{root.rstrip('/')}/.visible-{uuid.uuid4().hex}"
-        shown = redact_url(self.run_url)
+        shown = fsutil.redact_url(self.run_url)
         try:
-            if isinstance(fs, LocalFileSystem):
+            if fsutil.is_local(fs):
                 fs.makedirs(root, exist_ok=True)
             fs.pipe_file(marker, b"prefect-distrain storage check\n")
         except FileNotFoundError as error:
             raise ConfigurationError(
                 f"storage {shown!r} does not exist: create the bucket (or parent folder) first, "
                 f"or fix the URL ({type(error).__name__})") from None
+        except (NotADirectoryError, FileExistsError) as error:
+            raise ConfigurationError(
+                f"storage {shown!r} is under a file, not a folder: give a folder's path or "
+                f"URL ({type(error).__name__}: {error})") from None
         except PermissionError as error:
             raise ConfigurationError(
                 f"storage {shown!r} refused the write: check the credentials in storage_options "
-                f"(or the storage block) and their permissions ({_brief(error)})") from None
+                f"(or the storage block) and their permissions ({fsutil.brief(error)})") from None
         except Exception as error:  # noqa: BLE001 - botocore's NoCredentialsError and kin
             if "credential" in str(error).lower():
                 raise ConfigurationError(
@@ -156,87 +116,59 @@ class RunStorage:
         except FileNotFoundError:
             pass
 
-    def layout(self) -> tuple[list[dict], int]:
-        """Committed manifests (by index) and the next attempt number for this run."""
-        fs, root = self.filesystem()
-        try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-        except FileNotFoundError:
-            names = []
-        attempts = [int(m.group(2)) for m in map(_DIRNAME.match, names) if m]
-        manifests = self.read_manifests()
-        attempts += [m["attempt"] for m in manifests]
-        attempts += [a["attempt"] for a in self.read_attempts()]
-        return manifests, (max(attempts) + 1 if attempts else 0)
+    # -- records ----------------------------------------------------------------------------------
 
     def write_json(self, record: dict, *parts: str) -> None:
         """A JSON record at ``<run>/<parts...>``, replaced atomically."""
-        fs, _ = self.filesystem()
-        data = json.dumps(record, default=_json_default, indent=1).encode()
-        _atomic_write(fs, self._join(*parts), data)
+        fsutil.atomic_write(self.filesystem()[0], self.path(*parts), fsutil.dumps_json(record))
+
+    def create_json(self, record: dict, *parts: str) -> bool:
+        """A new JSON record at ``<run>/<parts...>``; False if one is there already."""
+        return fsutil.create_exclusive(self.filesystem()[0], self.path(*parts), fsutil.dumps_json(record))
 
     def read_json(self, *parts: str) -> dict | None:
-        """The JSON record at ``<run>/<parts...>``, or None if there is none."""
-        fs, _ = self.filesystem()
-        try:
-            return json.loads(fs.cat_file(self._join(*parts)))
-        except FileNotFoundError:
+        """The JSON record at ``<run>/<parts...>``; None if there is none or it is unreadable
+        (said in the log: a torn or foreign file never stops a run)."""
+        data = fsutil.read_bytes(self.filesystem()[0], self.path(*parts))
+        if data is None:
             return None
-
-    def record_attempt(self, record: dict) -> None:
-        """The attempt ledger: one JSON file per start of the worker group, rewritten when
-        the attempt ends. It also keeps attempt numbers unique across Prefect retries."""
-        self.write_json(record, ATTEMPTS, f"attempt_{record['attempt']:05d}.json")
-
-    def read_attempts(self) -> list[dict]:
-        fs, _ = self.filesystem()
         try:
-            paths = sorted(fs.ls(self._join(ATTEMPTS), detail=False))
-        except FileNotFoundError:
-            return []
-        return sorted((json.loads(fs.cat_file(p)) for p in paths if p.endswith(".json")),
-                      key=lambda a: a["attempt"])
+            record = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as error:
+            logger.warning("Ignoring %s: not valid JSON (%s)", "/".join(parts), error)
+            return None
+        if not isinstance(record, dict):
+            logger.warning("Ignoring %s: not a JSON object", "/".join(parts))
+            return None
+        return record
 
-    def read_manifests(self) -> list[dict]:
-        fs, _ = self.filesystem()
-        folder = self._join(MANIFESTS)
-        try:
-            paths = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
-        except FileNotFoundError:
-            return []
-        manifests = []
-        for path in paths:
-            try:
-                manifest = json.loads(fs.cat_file(path))
-            except FileNotFoundError:  # deleted by retention while we listed
-                continue
-            if manifest.get("schema_version") == MANIFEST_SCHEMA_VERSION:
-                manifests.append(manifest)
-        return sorted(manifests, key=lambda m: m["index"])
+    def names(self, *parts: str) -> list[str]:
+        """The names in ``<run>/<parts...>`` (the run's own folder with no parts)."""
+        return fsutil.list_names(self.filesystem()[0], self.path(*parts))
 
-    # -- worker: upload ---------------------------------------------------------------------------
+    # -- checkpoints ------------------------------------------------------------------------------
 
-    def upload(self, local_dir: str, index: int, attempt: int, rank: int) -> dict[str, dict]:
-        """Copy a checkpoint directory into the staging folder of (index, attempt).
+    def upload(self, local_dir: str, index: int, attempt: int, rank: int) -> dict[str, FileEntry]:
+        """Copy a local checkpoint directory into the folder of (index, attempt).
 
-        Returns {relative path: {size, sha256, rank}} for the manifest. Files go up in one
+        Returns each file's size, sha256 and rank, for the manifest. Files go up in one
         ``fs.put`` call, which object stores run concurrently and in multipart.
         """
-        files: dict[str, dict] = {}
+        files: dict[str, FileEntry] = {}
         local_paths, remote_paths = [], []
-        target = self._join(checkpoint_dirname(index, attempt))
+        target = self.path(checkpoint_dirname(index, attempt))
         for folder, dirs, names in os.walk(local_dir):
             dirs.sort()
             for name in sorted(names):
                 path = os.path.join(folder, name)
                 relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
-                size, sha256 = file_digest(path)
-                files[relative] = {"size": size, "sha256": sha256, "rank": rank}
+                size, sha256 = fsutil.file_digest(path)
+                files[relative] = FileEntry(size, sha256, rank)
                 local_paths.append(path)
                 remote_paths.append(f"{target}/{relative}")
         fs, _ = self.filesystem()
         try:
-            if isinstance(fs, LocalFileSystem):
+            if fsutil.is_local(fs):
                 for remote in {p.rsplit("/", 1)[0] for p in remote_paths} | {target}:
                     fs.makedirs(remote, exist_ok=True)
             if local_paths:
@@ -244,137 +176,64 @@ class RunStorage:
         except Exception as error:
             raise CheckpointUploadError(
                 f"uploading checkpoint {index} from rank {rank} to "
-                f"{redact_url(self.run_url)} failed: {_brief(error)}", index=index,
-                rank=rank) from None
+                f"{fsutil.redact_url(self.run_url)} failed: {fsutil.brief(error)}", index=index,
+                rank=rank) from error
         return files
 
-    # -- driver: commit, retention, garbage ---------------------------------------------------
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Commit: from now on the checkpoint exists. Written once, last and atomically; a
+        manifest that is already there (another writer's) is never replaced."""
+        path = self.path(MANIFESTS, f"{manifest.directory}.json")
+        if not fsutil.create_exclusive(self.filesystem()[0], path, manifest.to_json()):
+            raise FileExistsError(f"manifest {manifest.directory}.json exists already: another "
+                                  "writer committed this checkpoint of this attempt")
 
-    def commit(self, index: int, attempt: int, files: dict[str, dict], *, metrics: dict,
-               world_size: int, backend: str) -> dict:
-        """Write the manifest: from now on the checkpoint exists. Written last and atomically."""
-        manifest = {
-            "schema_version": MANIFEST_SCHEMA_VERSION,
-            "index": index,
-            "attempt": attempt,
-            "directory": checkpoint_dirname(index, attempt),
-            "files": dict(sorted(files.items())),
-            "ranks": sorted({f["rank"] for f in files.values()}),
-            "metrics": metrics,
-            "world_size": world_size,
-            "backend": backend,
-            "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        }
-        data = json.dumps(manifest, default=_json_default, indent=1).encode()
+    def read_manifests(self) -> tuple[list[Manifest], list[str]]:
+        """The run's valid manifests by index, and why each other file in ``_manifests`` is not
+        one (never deleted here: a person may want to look at it)."""
         fs, _ = self.filesystem()
-        path = self._join(MANIFESTS, manifest["directory"] + ".json")
-        _atomic_write(fs, path, data)
-        return json.loads(data)
+        valid, problems = [], []
+        for name in self.names(MANIFESTS):
+            if not name.endswith(".json"):
+                continue
+            data = fsutil.read_bytes(fs, self.path(MANIFESTS, name))
+            if data is None:  # deleted by retention while we listed
+                continue
+            try:
+                valid.append(Manifest.from_json(data, name))
+            except ManifestError as error:
+                problems.append(str(error))
+        return sorted(valid, key=lambda m: (m.index, m.attempt)), problems
 
-    def delete(self, manifest: dict) -> None:
+    def read_manifest(self, directory: str) -> Manifest:
+        """The manifest of one checkpoint folder; ManifestError if it has none or a bad one."""
+        name = f"{directory}.json"
+        data = fsutil.read_bytes(self.filesystem()[0], self.path(MANIFESTS, name))
+        if data is None:
+            raise ManifestError(f"checkpoint {directory} has no manifest in "
+                                f"{fsutil.redact_url(self.run_url)}/{MANIFESTS}")
+        return Manifest.from_json(data, name)
+
+    def checkpoint_folders(self) -> list[tuple[str, int, int]]:
+        """(name, index, attempt) of every checkpoint folder in the run, committed or not."""
+        found = []
+        for name in self.names():
+            parsed = parse_dirname(name)
+            if parsed:
+                found.append((name, *parsed))
+        return found
+
+    def delete_checkpoint(self, manifest: Manifest) -> None:
         """Manifest first, then files: a reader never finds a manifest without its files."""
         fs, _ = self.filesystem()
         try:
-            fs.rm_file(self._join(MANIFESTS, manifest["directory"] + ".json"))
+            fs.rm_file(self.path(MANIFESTS, f"{manifest.directory}.json"))
         except FileNotFoundError:
             pass
-        self._remove_folder(fs, self._join(manifest["directory"]))
+        self.remove_folder(manifest.directory)
 
-    def remove_torn(self, committed: Iterable[dict], attempt: int) -> list[str]:
-        """Remove staging folders of earlier attempts that never got a manifest."""
-        fs, root = self.filesystem()
-        keep = {m["directory"] for m in committed}
-        removed = []
-        for path in fs.ls(root, detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            match = _DIRNAME.match(name)
-            if match and name not in keep and int(match.group(2)) < attempt:
-                self._remove_folder(fs, path)
-                removed.append(name)
-        return removed
-
-    @staticmethod
-    def _remove_folder(fs: fsspec.AbstractFileSystem, path: str) -> None:
-        try:
-            fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
-
-
-def find_manifest(checkpoint: Checkpoint) -> dict | None:
-    """The manifest of a committed checkpoint given by its path, if it has one."""
-    fs, path = checkpoint._fs_and_path()
-    parent, _, name = path.rstrip("/").rpartition("/")
-    try:
-        manifest = json.loads(fs.cat_file(f"{parent}/{MANIFESTS}/{name}.json"))
-    except FileNotFoundError:
-        return None
-    return manifest if manifest.get("schema_version") == MANIFEST_SCHEMA_VERSION else None
-
-
-def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Local: temp file + rename (atomic on one filesystem). Object stores: one PUT, which
-    is atomic there (a reader sees the old object or the whole new one)."""
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def _brief(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:500]
-
-
-def select_retained(manifests: list[dict], num_to_keep: int | None, score_attribute: str | None,
-                    score_order: str, protected: set[str] = frozenset()) -> list[dict]:
-    """The manifests to keep: the ``num_to_keep`` best by score (newest when no score), plus
-    the latest and any protected one (e.g. the checkpoint a resume started from)."""
-    if num_to_keep is None or not manifests:
-        return list(manifests)
-    if score_attribute is None:
-        ranked = sorted(manifests, key=lambda m: m["index"], reverse=True)
-    else:
-        sign = 1 if score_order == "max" else -1
-        ranked = sorted(manifests, key=lambda m: (sign * m["metrics"][score_attribute], m["index"]),
-                        reverse=True)
-    keep = {m["directory"] for m in ranked[:num_to_keep]}
-    keep.add(max(manifests, key=lambda m: m["index"])["directory"])
-    keep |= set(protected)
-    return [m for m in manifests if m["directory"] in keep]
-
-
-def latest_checkpoint(run: Any) -> Checkpoint | None:
-    """The latest committed checkpoint of another run (a RunConfig with a name), e.g. to
-    warm-start a new run from it: ``resume_from_checkpoint=pd.latest_checkpoint(prod)``."""
-    manifests = _run_storage(run).read_manifests()
-    return _checkpoint_of(run, manifests[-1]) if manifests else None
-
-
-def best_checkpoint(run: Any, metric: str, mode: str = "min") -> Checkpoint | None:
-    """The committed checkpoint of another run with the best ``metric`` (``mode`` "min" or
-    "max"); checkpoints that did not report the metric are skipped."""
-    if mode not in ("min", "max"):
-        raise ConfigurationError(f"mode {mode!r}: use 'min' or 'max'")
-    scored = [m for m in _run_storage(run).read_manifests()
-              if isinstance(m["metrics"].get(metric), (int, float))]
-    if not scored:
-        return None
-    pick = min if mode == "min" else max
-    return _checkpoint_of(run, pick(scored, key=lambda m: (m["metrics"][metric], -m["index"])))
-
-
-def _run_storage(run: Any) -> RunStorage:
-    if getattr(run, "name", None) is None:
-        raise ConfigurationError("give the run to read from a name: RunConfig(name='prod', ...)")
-    url, options = run.resolved_storage()
-    return RunStorage(url, run.name, options)
-
-
-def _checkpoint_of(run: Any, manifest: dict) -> Checkpoint:
-    return _run_storage(run).checkpoint(manifest["directory"], manifest)
+    def remove_folder(self, directory: str) -> None:
+        """Remove one checkpoint folder of this run (only a checkpoint folder's name)."""
+        if parse_dirname(directory) is None:
+            raise ValueError(f"not a checkpoint folder: {directory!r}")
+        fsutil.remove_tree(self.filesystem()[0], self.path(directory))

@@ -184,6 +184,10 @@ def train(
     trainer = Trainer(backend, scaling=scaling or ScalingConfig(), run=run, checkpoint=checkpoint,
                       failure=failure, ray_address=ray_address, ray_init_kwargs=ray_init_kwargs,
                       logger=logger)
+    context = TaskRunContext.get()
+    if context is not None:  # the run's lease names this task run: its retries take it over
+        trainer.holder.update(task_run_id=str(context.task_run.id),
+                              flow_run_id=str(context.task_run.flow_run_id))
     shown = [PrefectArtifacts()]
     if run.total:
         shown.append(PrefectProgress(run.total, run.progress_key))

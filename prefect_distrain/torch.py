@@ -176,7 +176,8 @@ def load_state(checkpoint: Checkpoint, filename: str = "model.pt",
     with checkpoint.as_directory() as folder:
         path = os.path.join(folder, *filename.split("/"))
         if not os.path.isfile(path):
-            present = sorted((checkpoint.manifest or {}).get("files", {})) or os.listdir(folder)
+            present = sorted(checkpoint.manifest.files if checkpoint.manifest
+                             else os.listdir(folder))
             raise FileNotFoundError(
                 f"checkpoint {checkpoint!r} has no file {filename!r} (it has: {present})")
         try:

@@ -35,7 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
-from .storage import redact_url
+from .fs import redact_url
 
 __all__ = ["MLflowLogger", "TensorBoardLogger", "WandbLogger", "flatten", "scalars"]
 

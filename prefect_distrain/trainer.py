@@ -12,7 +12,6 @@ The group stays up between ``run`` calls, so a second run skips the start-up.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import sys
 import time
@@ -34,7 +33,10 @@ from .data import DataConfig, resolve_datasets, split_datasets
 from .exceptions import ConfigurationError, ResourcesUnavailableError
 from .logs import WorkerLogs
 from .result import TrainResult
-from .storage import RunStorage, find_manifest, redact_url
+from .checkpoint_manager import CheckpointManager, now_iso
+from .fs import redact_url
+from .lease import holder_identity
+from .storage import RunStorage
 from .worker_group import (
     WorkerGroup,
     capacity_now,
@@ -98,6 +100,10 @@ class Trainer:
                 f"failure must be a FailureConfig, got {type(failure).__name__}")
         self.failure_config = failure or FailureConfig()
         self.storage: RunStorage | None = None
+        self.checkpoints: CheckpointManager | None = None
+        #: Who writes the runs of this trainer (the run's lease names it); ``train`` adds
+        #: Prefect's flow and task run ids.
+        self.holder: dict[str, Any] = holder_identity()
         self.history: list[dict[str, Any]] = []
         self._cluster_checked = False
         self.ray_address = ray_address
@@ -262,26 +268,42 @@ class Trainer:
         url, options = self.run_config.resolved_storage()
         storage = RunStorage(url, self.run_config.name or _default_run_name(train_func), options)
         self.storage = storage
+        manager = CheckpointManager(storage, self.checkpoint_config, self.logger)
+        self.checkpoints = manager
         marker = storage.check_writable()  # a bad bucket or credentials fail before any worker
         try:
-            self.start()
-            assert self._group is not None
-            _check_workers_see(storage, marker, self._group)
+            try:  # one writer per run: a second one fails here, before any worker starts
+                manager.open(self.holder, settings.settings().lease_timeout_s,
+                             self.run_config.takeover)
+                self.start()
+                assert self._group is not None
+                _check_workers_see(storage, marker, self._group)
+            finally:
+                storage.remove_marker(marker)
+            return self._attempts(train_func, blob, config, callbacks, resume_from_checkpoint,
+                                  resolve_datasets(datasets, storage.run_url,
+                                                   storage.storage_options),
+                                  data_config, manager, began)
         finally:
-            storage.remove_marker(marker)
-        resolved = resolve_datasets(datasets, storage.run_url, storage.storage_options)
+            manager.close()
+
+    def _attempts(self, train_func: Callable, blob: bytes, config: Any,
+                  callbacks: list[TrainingCallback], resume_from_checkpoint: Any,
+                  resolved: dict[str, Any] | None, data_config: DataConfig | None,
+                  manager: CheckpointManager, began: float) -> TrainResult:
+        """Start the group and run the function until it completes, restarting after
+        infrastructure failures (and to grow an elastic group back)."""
+        storage = manager.storage
         history: list[dict[str, Any]] = []
         self.history = history  # rank 0's reports, for a summary even after a failure
         history_all_ranks: list[list[dict[str, Any]]] = []
         failures, attempt, restart_cause, scaled_up = 0, -1, None, False
+        resume: Checkpoint | None = None
         while True:
-            committed, next_attempt = storage.layout()
-            attempt = max(next_attempt, attempt + 1)
             if restart_cause is None:
-                resume = self._resume_checkpoint(resume_from_checkpoint, storage, committed)
+                resume = manager.resume_point(resume_from_checkpoint)
             else:
-                latest = max(committed, key=lambda m: m["index"], default=None)
-                resume = storage.checkpoint(latest["directory"], latest) if latest else resume
+                resume = manager.latest() or resume
             self.start(expect_full=scaled_up)
             group = self._group
             assert group is not None
@@ -289,21 +311,21 @@ class Trainer:
             history[:] = [h for h in history if h["_training_iteration"] <= resumed_index]
             history_all_ranks[:] = [h for h in history_all_ranks
                                     if h[0]["_training_iteration"] <= resumed_index]
-            record = {"attempt": attempt, "started_at": _now(), "world_size": len(group),
-                      "resumed_from": redact_url(resume.path) if resume else None,
-                      **_after(storage.read_attempts(), resumed_index, restart_cause),
-                      "status": "running"}
-            storage.record_attempt(record)
+            record = manager.claim_attempt({
+                "started_at": now_iso(), "world_size": len(group),
+                "resumed_from": redact_url(resume.path) if resume else None,
+                **_after(manager.attempts(), resumed_index, restart_cause),
+                "status": "running"}, at_least=attempt + 1)
+            attempt = record["attempt"]
             spec = RunSpec(
                 train_func=train_func, train_func_blob=blob, config=config, storage=storage,
-                backend_name=self.backend_config.name, checkpoint_config=self.checkpoint_config,
-                resume_from=resume, callbacks=callbacks, attempt=attempt, committed=committed,
-                history=history, history_all_ranks=history_all_ranks,
+                backend_name=self.backend_config.name, checkpoints=manager,
+                checkpoint_config=self.checkpoint_config, resume_from=resume,
+                callbacks=callbacks, attempt=attempt, history=history,
+                history_all_ranks=history_all_ranks,
                 dataset_shards=split_datasets(
                     resolved, len(group), data_config or DataConfig(),
                     [m.metadata["node_id"] for m in group.members]) if resolved else None,
-                protected={resume.manifest["directory"]} if resume and resume.manifest
-                and resume.path.startswith(storage.run_url + "/") else set(),
                 can_scale_up=self._scale_up_check(len(group)),
                 is_backend_failure=self._backend.is_runtime_failure,
                 fatal_exceptions=self.failure_config.fatal_exceptions, logs=self.worker_logs)
@@ -315,9 +337,7 @@ class Trainer:
                                  f"checkpoint {scale.index}")
                 self._discard_group()
                 scaled_up = True
-                storage.record_attempt({**record, "status": "scaled up", "ended_at": _now(),
-                                        "cause": restart_cause,
-                                        "last_reported": _last_reported(history)})
+                self._end_attempt(manager, record, "scaled up", restart_cause, history)
                 self.logger.info("The cluster can hold %d workers again: restarting from "
                                  "checkpoint %d", self.scaling.num_workers, scale.index)
                 continue
@@ -325,8 +345,7 @@ class Trainer:
                 self._discard_group()
                 scaled_up = False
                 cause = f"{type(error).__name__}: {error}"[:300]
-                storage.record_attempt({**record, "status": "failed", "ended_at": _now(),
-                                        "cause": cause, "last_reported": _last_reported(history)})
+                self._end_attempt(manager, record, "failed", cause, history, error)
                 if not is_infrastructure_failure(error):
                     raise
                 if not self.failure_config.may_restart(failures):
@@ -342,61 +361,44 @@ class Trainer:
                 continue
             if not group.started:  # a stop ended ranks that did not reach a report
                 self._discard_group()
-            storage.record_attempt({**record, "status": "stopped" if outcome.stopped else
-                                    "completed", "ended_at": _now(), "cause": outcome.stopped,
-                                    "last_reported": _last_reported(history)})
+            self._end_attempt(manager, record, "stopped" if outcome.stopped else "completed",
+                              outcome.stopped, history)
             break
-        checkpoints = [storage.checkpoint(m["directory"], m).without_credentials()
-                       for m in outcome.committed]
+        best = [c.without_credentials() for c in manager.best_checkpoints()]
+        latest = manager.latest()
         return TrainResult(
             metrics=history[-1] if history else None, metrics_history=history,
             metrics_all_ranks=history_all_ranks[-1] if history_all_ranks else [],
             metrics_history_all_ranks=history_all_ranks,
             worker_results=outcome.returns,
-            checkpoint=max(checkpoints, key=lambda c: c.index, default=None),
-            best_checkpoints=_best_first(checkpoints, self.checkpoint_config),
+            checkpoint=latest.without_credentials() if latest else None,
+            best_checkpoints=[(c, c.metrics) for c in best],
             run_name=storage.name, path=redact_url(storage.run_url),
             backend=self.backend_config.name, world_size=len(group), attempt=attempt,
             failures=failures, stopped_early=outcome.stopped,
             wall_time_s=time.monotonic() - began)
+
+    def _end_attempt(self, manager: CheckpointManager, record: dict[str, Any], status: str,
+                     cause: str | None, history: list[dict[str, Any]],
+                     error: BaseException | None = None) -> None:
+        """Record how the attempt ended; a failure to write it never hides the run's own
+        error (it is logged, and noted on that error)."""
+        try:
+            manager.record_attempt({**record, "status": status, "ended_at": now_iso(),
+                                    "cause": cause, "last_reported": _last_reported(history)})
+        except Exception as failure:  # noqa: BLE001 - the run's outcome matters more
+            self.logger.warning("Could not record the end of attempt %d: %s",
+                                record["attempt"], failure)
+            if error is not None:
+                error.add_note(f"The attempt ledger could not be written either: {failure}")
+            elif status in ("completed", "stopped"):
+                raise
 
     def _scale_up_check(self, size: int) -> Callable[[], bool] | None:
         missing = self.scaling.num_workers - size
         if missing <= 0:
             return None
         return lambda: capacity_now(self.scaling) >= missing
-
-    def _resume_checkpoint(self, value: Checkpoint | str | None, storage: RunStorage,
-                           committed: list[dict]) -> Checkpoint | None:
-        if value is None:
-            return None
-        if value == "latest":
-            latest = max(committed, key=lambda m: m["index"], default=None)
-            if latest is None:
-                self.logger.info("Run %r has no committed checkpoint yet: starting fresh",
-                                 storage.name)
-                return None
-            self.logger.info("Resuming run %r from its latest checkpoint, %d", storage.name,
-                             latest["index"])
-            return storage.checkpoint(latest["directory"], latest)
-        if isinstance(value, str):
-            value = Checkpoint(value, storage.storage_options)
-        if not isinstance(value, Checkpoint):
-            raise ConfigurationError(
-                "resume_from_checkpoint takes a Checkpoint, a path/URL or 'latest', got "
-                f"{type(value).__name__}")
-        if not value.storage_options and storage.storage_options:
-            value = Checkpoint(value.path, storage.storage_options, value.manifest)
-        fs, path = value.filesystem, value._fs_and_path()[1]
-        if not fs.isdir(path):
-            raise ConfigurationError(
-                f"resume_from_checkpoint={redact_url(value.path)!r}: no such checkpoint "
-                "directory. Pass result.checkpoint of an earlier run, the path of a "
-                "checkpoint folder, or 'latest'")
-        if value.manifest is None:
-            value = Checkpoint(value.path, value.storage_options, find_manifest(value))
-        return value
-
 
 def _check_workers_see(storage: RunStorage, marker: str, group: WorkerGroup) -> None:
     """Every worker must see the marker the driver wrote, or checkpoints would be lost."""
@@ -412,18 +414,6 @@ def _check_workers_see(storage: RunStorage, marker: str, group: WorkerGroup) -> 
             "s3://, gs://, or a folder mounted on every node")
 
 
-def _best_first(checkpoints: list[Checkpoint], config: CheckpointConfig
-                ) -> list[tuple[Checkpoint, dict]]:
-    attribute = config.checkpoint_score_attribute
-    if attribute is None:
-        ordered = sorted(checkpoints, key=lambda c: c.index, reverse=True)
-    else:
-        sign = 1 if config.checkpoint_score_order == "max" else -1
-        ordered = sorted(checkpoints, key=lambda c: (sign * c.metrics[attribute], c.index),
-                         reverse=True)
-    return [(c, c.metrics) for c in ordered]
-
-
 def _last_reported(history: list[dict[str, Any]]) -> int | None:
     return history[-1]["_training_iteration"] if history else None
 
@@ -437,10 +427,6 @@ def _after(ledger: list[dict], resumed_index: int, restart_cause: str | None) ->
     last = previous.get("last_reported")
     return {"restarted_because": cause,
             "steps_redone": None if last is None else max(0, last - resumed_index)}
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _default_run_name(fn: Callable) -> str:

@@ -33,9 +33,11 @@ from typing import Any, Callable
 
 from .callbacks import TrainingCallback
 from .checkpoint import Checkpoint
+from .checkpoint_manager import best_first, score
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from .exceptions import ConfigurationError
-from .storage import RunStorage, redact_url
+from .fs import redact_url
+from .storage import RunStorage
 
 #: The sweep's folder for its trials' records (``trial_NNN.json``).
 TRIALS = "_trials"
@@ -324,11 +326,11 @@ def _sweep(train_loop: Callable, configs: list[dict], metric: str, mode: str, sc
     for number, trial_config in enumerate(configs):
         trial = f"trial_{number:03d}"
         earlier = storage.read_json(TRIALS, f"{trial}.json")
-        if earlier and earlier["status"] in ("completed", "stopped") \
-                and earlier["config"] == json.loads(json.dumps(trial_config, default=str)):
+        if earlier and earlier.get("status") in ("completed", "stopped") \
+                and earlier.get("config") == json.loads(json.dumps(trial_config, default=str)):
             records[trial] = {**earlier, "reused": True}
             if scheduler is not None:  # the scheduler knows the finished trials' reports
-                for result in earlier["history"]:
+                for result in earlier.get("history", []):
                     scheduler.should_stop(trial, result)
             continue
         trial_callbacks = list(callbacks)
@@ -368,11 +370,12 @@ def _trial_record(trial: str, trial_config: dict, outcome: Any, metric: str, mod
     if isinstance(outcome, BaseException):
         return {**record, "status": "failed", "error": f"{type(outcome).__name__}: {outcome}"[:500],
                 "final": None, "best": None, "metrics": None, "checkpoint": None, "history": []}
-    values = [m[metric] for m in outcome.metrics_history
-              if isinstance(m.get(metric), (int, float))]
+    values = [m[metric] for m in outcome.metrics_history if score(m, metric) is not None]
     history = [{k: v for k, v in m.items() if isinstance(v, (int, float))}
                for m in outcome.metrics_history]
-    best_checkpoint = outcome.best_checkpoints[0][0] if outcome.best_checkpoints else None
+    # The trial's best checkpoint by the sweep's metric (its newest when none reports it).
+    ordered = best_first([c for c, _ in outcome.best_checkpoints], metric, mode)
+    best_checkpoint = ordered[0] if ordered else None
     return {**record, "started": ended - outcome.wall_time_s,
             "status": "stopped" if outcome.stopped_early else "completed",
             "stopped_because": outcome.stopped_early, "error": None,
@@ -384,7 +387,9 @@ def _trial_record(trial: str, trial_config: dict, outcome: Any, metric: str, mod
 
 
 def _rank_key(record: dict[str, Any], scope: str, mode: str) -> tuple[int, float]:
-    value = record["final" if scope == "last" else "best"]
+    """Trials best first, by the same rule as checkpoints: a trial without a real value of the
+    metric (none reported, NaN) is never best."""
+    value = score(record, "final" if scope == "last" else "best")
     if value is None:
         return (1, 0.0)
     return (0, value if mode == "min" else -value)

@@ -6,6 +6,7 @@ environment variables changed in the driver (a backend must set MASTER_ADDR & co
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -77,6 +78,17 @@ def env_police():
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     changed = {k for k in changed if not k.startswith("PYTEST_") and k not in _SET_BY_RAY_INIT}
     assert not changed, f"the test leaked environment variables into the driver: {sorted(changed)}"
+
+
+class Records(logging.Handler):
+    """The messages of a logger passed as ``Trainer(logger=...)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def live_train_actors() -> list:

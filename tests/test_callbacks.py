@@ -34,7 +34,7 @@ def test_early_stopping_ends_a_plateaued_run_cleanly(tmp_path, caplog):
     run = pd.RunConfig(name="plateau", storage=str(tmp_path))
     with pd.Trainer(num_workers=2, run=run, failure=pd.FailureConfig(max_failures=2)) as t:
         result = t.fit(plateau_loop, config={"epochs": 20}, callbacks=[stopper, recorder])
-        attempts = t.storage.read_attempts()
+        attempts = t.checkpoints.attempts()
     # Epochs 0-4 improve (best at iteration 5), 5-7 do not: the stop is decided at epoch 7's
     # report, and every rank ends there.
     epochs = [m["epoch"] for m in result.metrics_history]
@@ -148,7 +148,7 @@ def test_unequal_report_counts_fail_at_once_naming_the_ranks(tmp_path, waits_for
                            ) as caught:
             t.fit(uneven_loop, callbacks=callbacks,
                   config={"checkpoint": waits_for == "commit"})
-        attempts = t.storage.read_attempts()
+        attempts = t.checkpoints.attempts()
     assert caught.value.counts == {0: 3, 1: 2} and caught.value.retryable is False
     assert [a["status"] for a in attempts] == ["failed"], "a bug: not restarted"
 

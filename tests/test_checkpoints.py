@@ -18,7 +18,13 @@ import torch
 import flaky_fs
 import prefect_distrain as pd
 from conftest import S3_SECRET, assert_no_train_actors, flow_run_records
-from prefect_distrain.storage import RunStorage, select_retained
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefect_distrain.checkpoint_manager import CheckpointManager, best_first, retained, score
+from prefect_distrain.lease import holder_identity
+from prefect_distrain.manifest import Manifest
+from prefect_distrain.storage import RunStorage
 
 
 def listing(storage: dict, name: str) -> tuple[list[str], list[str]]:
@@ -58,53 +64,95 @@ def write_files(folder: str, files: dict[str, bytes]) -> str:
 def test_store_commit_protocol(any_storage, tmp_path):
     run = RunStorage(any_storage["storage"], "store", any_storage["storage_options"])
     run.remove_marker(run.check_writable())
-    source = write_files(str(tmp_path / "src"), {"model.pt": b"weights" * 1000,
-                                                 "opt/state.bin": b"\x00\x01" * 10})
-    files = run.upload(source, index=1, attempt=0, rank=0)
-    assert files["model.pt"]["size"] == 7000 and files["opt/state.bin"]["rank"] == 0
-    assert run.read_manifests() == [], "uploaded but not committed: not a checkpoint yet"
-    manifest = run.commit(1, 0, files, metrics={"loss": 0.5}, world_size=2, backend="torch")
-    assert run.read_manifests() == [manifest]
-    assert manifest["schema_version"] == 1 and manifest["ranks"] == [0]
-    assert manifest["directory"] == "checkpoint_000001-a0"
-    assert set(manifest) >= {"index", "files", "metrics", "attempt", "world_size", "backend",
-                             "committed_at"}
-    checkpoint = run.checkpoint(manifest["directory"], manifest)
-    restored = checkpoint.to_directory(str(tmp_path / "restored"))
-    with open(os.path.join(restored, "opt", "state.bin"), "rb") as handle:
-        assert handle.read() == b"\x00\x01" * 10
+    manager = CheckpointManager(run)
+    manager.open(holder_identity(), timeout_s=60)
+    try:
+        source = write_files(str(tmp_path / "src"), {"model.pt": b"weights" * 1000,
+                                                     "opt/state.bin": b"\x00\x01" * 10})
+        first = manager.claim_attempt({"status": "running"})
+        assert first["attempt"] == 0 and first["lease"] == 1
+        files = run.upload(source, index=1, attempt=0, rank=0)
+        assert files["model.pt"].size == 7000 and files["opt/state.bin"].rank == 0
+        assert run.read_manifests() == ([], []), "uploaded but not committed: not a checkpoint"
+        manifest = manager.commit(1, 0, {0: files}, {"loss": 0.5}, world_size=2,
+                                  backend="torch")
+        assert run.read_manifests() == ([manifest], [])
+        assert manifest.schema_version == 2 and manifest.ranks == [0] and manifest.lease == 1
+        assert manifest.directory == "checkpoint_000001-a0"
+        assert manifest.committed_at and manifest.world_size == 2 and manifest.backend == "torch"
+        checkpoint = run.checkpoint(manifest)
+        restored = checkpoint.to_directory(str(tmp_path / "restored"))
+        with open(os.path.join(restored, "opt", "state.bin"), "rb") as handle:
+            assert handle.read() == b"\x00\x01" * 10
 
-    # A file changed after the commit is caught by its hash.
-    fs, root = run.filesystem()
-    fs.pipe_file(f"{root}/checkpoint_000001-a0/model.pt", b"tampered" * 875)
-    with pytest.raises(pd.CheckpointCorruptError, match="'model.pt' does not match its manifest"):
-        checkpoint.to_directory(str(tmp_path / "again"))
+        # A file changed after the commit is caught by its hash.
+        fs, root = run.filesystem()
+        fs.pipe_file(f"{root}/checkpoint_000001-a0/model.pt", b"tampered" * 875)
+        with pytest.raises(pd.CheckpointCorruptError,
+                           match="'model.pt' does not match its manifest"):
+            checkpoint.to_directory(str(tmp_path / "again"))
 
-    # Torn staging of attempt 0 (no manifest) is invisible and goes at attempt 1's first commit.
-    run.upload(source, index=2, attempt=0, rank=0)
-    committed, attempt = run.layout()
-    assert [m["index"] for m in committed] == [1] and attempt == 1
-    files3 = run.upload(source, index=2, attempt=1, rank=0)
-    second = run.commit(2, 1, files3, metrics={"loss": 0.4}, world_size=2, backend="torch")
-    assert run.remove_torn([manifest, second], attempt=1) == ["checkpoint_000002-a0"]
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    assert names == ["_manifests", "checkpoint_000001-a0", "checkpoint_000002-a1"]
+        # Torn staging of attempt 0 (no manifest) is invisible; once attempt 0 has ended, the
+        # first commit of attempt 1 removes it.
+        run.upload(source, index=2, attempt=0, rank=0)
+        manager.record_attempt({**first, "status": "failed"})
+        second_attempt = manager.claim_attempt({"status": "running"})
+        assert second_attempt["attempt"] == 1
+        files3 = run.upload(source, index=2, attempt=1, rank=0)
+        manager.commit(2, 1, {0: files3}, {"loss": 0.4}, world_size=2, backend="torch")
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+        assert names == ["_attempts", "_lease", "_manifests", "checkpoint_000001-a0",
+                         "checkpoint_000002-a1"]
 
-    # Retention deletes the manifest, then the files.
-    run.delete(manifest)
-    assert [m["index"] for m in run.read_manifests()] == [2]
-    assert not fs.exists(f"{root}/checkpoint_000001-a0")
+        # Retention deletes the manifest, then the files.
+        run.delete_checkpoint(manifest)
+        assert [m.index for m in run.read_manifests()[0]] == [2]
+        assert not fs.exists(f"{root}/checkpoint_000001-a0")
+    finally:
+        manager.close()
+
+
+def manifests_scored(values, attribute="val") -> list[Manifest]:
+    return [Manifest(index=i, attempt=0, files={}, metrics={} if v is None else {attribute: v})
+            for i, v in enumerate(values, start=1)]
 
 
 def test_retention_keeps_n_best_plus_latest_and_protected():
-    manifests = [{"index": i, "directory": f"c{i}", "metrics": {"val": v}}
-                 for i, v in enumerate([5, 1, 4, 2, 3], start=1)]
-    keep = lambda *a, **k: [m["index"] for m in select_retained(manifests, *a, **k)]  # noqa: E731
+    manifests = manifests_scored([5, 1, 4, 2, 3])
+    keep = lambda *a, **k: [m.index for m in retained(manifests, *a, **k)]  # noqa: E731
     assert keep(2, "val", "min") == [2, 4, 5]
     assert keep(2, "val", "max") == [1, 3, 5]
     assert keep(2, None, "max") == [4, 5]
-    assert keep(1, "val", "min", protected={"c3"}) == [2, 3, 5]
+    assert keep(1, "val", "min", protected={"checkpoint_000003-a0"}) == [2, 3, 5]
     assert keep(None, "val", "min") == [1, 2, 3, 4, 5]
+    # NaN, missing and non-numeric scores are never best: 0.09 stays.
+    odd = manifests_scored([float("nan"), float("nan"), 0.98, 0.09, 0.94, None, "x"])
+    assert [m.index for m in retained(odd, 1, "val", "min")] == [4, 7]
+
+
+scores = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5),
+                   st.none(), st.just("n/a"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(scores, min_size=1, max_size=12), keep=st.integers(1, 5),
+       order=st.sampled_from(["min", "max"]))
+def test_retention_never_lets_an_odd_score_push_out_a_real_one(values, keep, order):
+    """Over random score sequences: the kept checkpoints are the ``keep`` best real scores
+    (or all of them), the latest, and unscored ones only where real ones ran out; the best
+    checkpoint of every reader is the best real score."""
+    manifests = manifests_scored(values)
+    kept = {m.index for m in retained(manifests, keep, "val", order)}
+    real = [m for m in manifests if score(m.metrics, "val") is not None]
+    rank = sorted(real, key=lambda m: (score(m.metrics, "val") * (-1 if order == "max" else 1),
+                                       -m.index))
+    assert {m.index for m in rank[:keep]} <= kept, "a real score among the best was deleted"
+    assert len(manifests) in kept, "the latest is always kept"
+    unscored_kept = kept - {m.index for m in real} - {len(manifests)}
+    assert not unscored_kept or len(real) < keep
+    ordered = [m.index for m in best_first(manifests, "val", order)]
+    assert ordered[:len(real)] == [m.index for m in rank]
+    assert ordered[len(real):] == sorted(set(ordered) - {m.index for m in real}, reverse=True)
 
 
 # -- through Ray and Prefect -------------------------------------------------------------------
@@ -147,8 +195,8 @@ def test_train_commits_keeps_the_best_and_shows_artifacts(storage_kind, upload):
     folders, manifests = listing(storage_kind, run_name)
     assert folders == ["checkpoint_000002-a0", "checkpoint_000004-a0", "checkpoint_000005-a0"]
     assert manifests == [f + ".json" for f in folders]
-    assert sorted(result.checkpoint.manifest["files"]) == ["model.pt", "shard_1.pt"]
-    assert result.checkpoint.manifest["ranks"] == [0, 1]
+    assert sorted(result.checkpoint.manifest.files) == ["model.pt", "shard_1.pt"]
+    assert result.checkpoint.manifest.ranks == [0, 1]
     best = pd.Checkpoint(result.best_checkpoints[0][0].path, storage_kind["storage_options"],
                          result.best_checkpoints[0][0].manifest)
     assert pd.torch.load_state(best, "model.pt") == {"epoch": 1}

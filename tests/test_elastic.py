@@ -14,7 +14,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 import prefect_distrain as pd
-from conftest import assert_no_train_actors
+from conftest import Records, assert_no_train_actors
 from fault_loops import deterministic_loop
 
 
@@ -126,21 +126,12 @@ def test_lost_node_shrinks_the_group_and_it_grows_back(cluster, tmp_path):
         assert sum(map(len, shards)) == 48 and set().union(*shards) == set(range(48))
     assert result.world_size == 4 and result.failures == 1
     assert [r["world_size"] for r in result.worker_results] == [4] * 4
-    statuses = [a["status"] for a in trainer.storage.read_attempts()]
+    statuses = [a["status"] for a in trainer.checkpoints.attempts()]
     assert statuses == ["failed", "scaled up", "completed"]
-    attempts = trainer.storage.read_attempts()
+    attempts = trainer.checkpoints.attempts()
     assert [a["world_size"] for a in attempts] == [4, 2, 4]
     assert attempts[1]["cause"].startswith("scale up from 2 workers after checkpoint")
     assert_no_train_actors()
-
-
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 def test_no_resources_at_all_backs_off_then_resumes_when_a_node_joins(cluster, tmp_path):

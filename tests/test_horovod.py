@@ -102,7 +102,7 @@ def test_horovod_torch_weights_identical_and_a_killed_worker_resumes(tmp_path):
     assert result.failures == 1 and result.attempt == 1
     assert identical(result.worker_results)
     assert result.worker_results[0]["started_at"] in (1, 2), "resumed from a committed checkpoint"
-    attempts = trainer.storage.read_attempts()
+    attempts = trainer.checkpoints.attempts()
     assert [a["status"] for a in attempts] == ["failed", "completed"]
     assert [m["epoch"] for m in result.metrics_history] == [0, 1, 2, 3]
     assert_no_train_actors()

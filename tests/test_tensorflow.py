@@ -82,8 +82,8 @@ def test_model_fit_on_two_workers_keeps_weights_identical(tmp_path):
     accuracy = [m["accuracy"] for m in result.metrics_history]
     assert accuracy[-1] > accuracy[0], f"accuracy did not rise: {accuracy}"
     assert result.checkpoint.index == 4
-    assert sorted(result.checkpoint.manifest["files"]) == ["model.keras", "state.json"]
-    assert result.checkpoint.manifest["ranks"] == [0], "only the chief's copy is committed"
+    assert sorted(result.checkpoint.manifest.files) == ["model.keras", "state.json"]
+    assert result.checkpoint.manifest.ranks == [0], "only the chief's copy is committed"
     assert_no_train_actors()
 
 
@@ -97,7 +97,7 @@ def test_a_worker_killed_once_resumes_from_the_latest_checkpoint(tmp_path):
     assert first["started_at"] in (1, 2), "resumed from a committed checkpoint, not from 0"
     assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))
     assert [m["epoch"] for m in result.metrics_history] == [0, 1, 2, 3]
-    attempts = trainer.storage.read_attempts()
+    attempts = trainer.checkpoints.attempts()
     assert [a["status"] for a in attempts] == ["failed", "completed"]
     assert attempts[1]["resumed_from"].endswith(f"checkpoint_{first['started_at']:06d}-a0")
     assert_no_train_actors()

@@ -21,7 +21,9 @@ import pytest
 
 import prefect_distrain as pd
 from conftest import S3_SECRET, _free_port, wait_until_serving
-from prefect_distrain.storage import RunStorage, redact_url
+from prefect_distrain.fs import redact_url
+from prefect_distrain.manifest import Manifest
+from prefect_distrain.storage import RunStorage
 from prefect_distrain.trackers import (
     MLflowLogger,
     TensorBoardLogger,
@@ -220,8 +222,10 @@ def test_trackers_driven_directly_on_s3_tolerate_missing_rank0_and_restarts(s3_s
     source.mkdir()
     (source / "model.txt").write_text("weights")
     files = storage.upload(str(source), index=1, attempt=0, rank=0)
-    manifest = storage.commit(1, 0, files, metrics={"loss": 0.5}, world_size=1, backend="torch")
-    checkpoint = storage.checkpoint(manifest["directory"], manifest).without_credentials()
+    manifest = Manifest.new(1, 0, files, metrics={"loss": 0.5}, world_size=1, backend="torch",
+                            lease=None)
+    storage.write_manifest(manifest)
+    checkpoint = storage.checkpoint(manifest).without_credentials()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow_logger = MLflowLogger(uri, log_checkpoints="artifacts",
                                  artifact_location=str(tmp_path / "artifacts"))

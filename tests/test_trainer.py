@@ -282,7 +282,7 @@ def test_checkpoints_are_persisted_and_a_fresh_run_resumes_from_one(tmp_path):
         result = trainer.fit(checkpointing_loop, config={"steps": 3})
     assert result.checkpoint.path == str(tmp_path / "first" / "checkpoint_000003-a0")
     assert sorted(os.listdir(tmp_path / "first")) == [
-        "_attempts", "_manifests", "checkpoint_000001-a0", "checkpoint_000002-a0",
+        "_attempts", "_lease", "_manifests", "checkpoint_000001-a0", "checkpoint_000002-a0",
         "checkpoint_000003-a0"]
     assert torch.load(tmp_path / "first" / "checkpoint_000002-a0" / "state.pt",
                       weights_only=True) == {"step": 1}

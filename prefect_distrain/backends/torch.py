@@ -54,11 +54,16 @@ class _TorchBackend(Backend):
                              timeout=timeout)
 
     def is_runtime_failure(self, error: BaseException) -> bool:
-        # DistError covers DistBackendError (e.g. a collective timeout), DistNetworkError and
-        # DistStoreError: the runtime, not the user's code.
+        # DistError covers DistBackendError (e.g. an nccl collective timeout), DistNetworkError
+        # and DistStoreError; gloo on CPU raises a plain RuntimeError from its transport ("...
+        # gloo/transport/tcp/... Timed out waiting 5000ms for recv", "Connection closed by
+        # peer" on the other ranks). Either is the runtime, not the user's code.
         import torch.distributed as dist
 
-        return isinstance(error, getattr(dist, "DistError", ()))
+        if isinstance(error, getattr(dist, "DistError", ())):
+            return True
+        text = str(error)
+        return type(error) is RuntimeError and any(mark in text for mark in _RUNTIME_MARKS)
 
     def on_shutdown(self, worker_group: WorkerGroup, config: TorchConfig) -> None:
         worker_group.execute(_leave_process_group, timeout=settings.settings().shutdown_timeout_s)
@@ -81,6 +86,12 @@ class TorchConfig(BackendConfig):
 
     def process_group_backend(self, use_gpu: bool) -> str:
         return self.backend or ("nccl" if use_gpu else "gloo")
+
+
+#: What torch's collectives put in a plain RuntimeError when a peer is gone or too slow.
+_RUNTIME_MARKS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
+                  "Timed out waiting", "ProcessGroupGloo", "ProcessGroupNCCL",
+                  "Watchdog caught collective operation timeout")
 
 
 def _address_and_free_port() -> tuple[str, int]:

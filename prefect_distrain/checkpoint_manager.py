@@ -1,0 +1,393 @@
+"""The checkpoint lifecycle of a run, in one place: what is committed, kept, latest, best and
+resumed from; which attempt a writer gets; which folders are torn and may go.
+
+```python
+manager = CheckpointManager(storage, checkpoint_config, logger)
+manager.open(identity)                     # the run's lease, its committed manifests
+attempt = manager.claim_attempt(record)    # an attempt number no other writer has
+resume = manager.resume_point("latest")    # a verified Checkpoint, or None
+manager.commit(index, attempt, files_by_rank, metrics, world_size=2, backend="torch")
+manager.close()
+```
+Rules, each kept here only:
+
+- **Committed** means a valid manifest exists (manifest.py validates it; an invalid one is
+  reported and skipped, never deleted). A commit needs the files of every rank that declared
+  the checkpoint; one with no files at all is refused.
+- **Best** (``best_first``): a finite score under the score attribute, higher or lower first by
+  the order; NaN, infinite, missing or non-numeric scores are never best and come after every
+  real score, newest first. Retention, the result's ``best_checkpoints``, ``best_checkpoint``
+  and the sweeps all use this one ordering.
+- **Kept** (``num_to_keep``): the first N by that ordering, plus always the latest and the
+  checkpoint this run resumed from. Deleting removes the manifest first, then the files.
+- **One writer** per run: a lease (lease.py); commits and deletions check it first.
+- **Torn** folders (no manifest at all) are removed only by the lease holder, and only those of
+  attempts that are provably over: recorded as ended, or run by a writer that released the run
+  or whose lease expired or whose process is gone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import time
+from typing import Any, Iterable, TypeVar
+
+from .checkpoint import Checkpoint
+from .config import CheckpointConfig
+from .exceptions import ConfigurationError, StorageError
+from .fs import brief, redact_url
+from .lease import LEASE, LeaseLostError, RunLease, takeover_reason
+from .manifest import FileEntry, Manifest, ManifestError, parse_dirname
+from .storage import ATTEMPTS, MANIFESTS, RunStorage
+
+T = TypeVar("T")
+
+
+def score(metrics: dict[str, Any], attribute: str | None) -> float | None:
+    """A checkpoint's score: the finite number reported under ``attribute``; None when it is
+    missing, NaN, infinite or not a number (never best)."""
+    value = metrics.get(attribute) if attribute is not None else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def best_first(items: Iterable[T], attribute: str | None, order: str = "max") -> list[T]:
+    """Manifests or Checkpoints (anything with ``metrics`` and ``index``), best first: real
+    scores by ``order`` ("max": higher is better), ties newest first; the unscored after them,
+    newest first. Without an attribute: newest first."""
+    def key(item: Any) -> tuple:
+        value = score(item.metrics, attribute)
+        if value is None:
+            return (1, 0.0, -(item.index or 0))
+        return (0, -value if order == "max" else value, -(item.index or 0))
+
+    return sorted(items, key=key)
+
+
+def retained(manifests: list[Manifest], num_to_keep: int | None, attribute: str | None,
+             order: str, protected: set[str] = frozenset()) -> list[Manifest]:
+    """The manifests to keep (see the module's rules), in their given order."""
+    if num_to_keep is None or not manifests:
+        return list(manifests)
+    keep = {m.directory for m in best_first(manifests, attribute, order)[:num_to_keep]}
+    keep.add(latest(manifests).directory)
+    keep |= set(protected)
+    return [m for m in manifests if m.directory in keep]
+
+
+def latest(manifests: Iterable[Manifest]) -> Manifest | None:
+    return max(manifests, key=lambda m: (m.index, m.attempt), default=None)
+
+
+def merge_files(index: int, files_by_rank: dict[int, dict[str, FileEntry]]
+                ) -> dict[str, FileEntry]:
+    """Every rank's files of one checkpoint; the same name from two ranks is refused."""
+    files: dict[str, FileEntry] = {}
+    for rank in sorted(files_by_rank):
+        for name, entry in files_by_rank[rank].items():
+            if name in files:
+                raise ConfigurationError(
+                    f"ranks {files[name].rank} and {rank} both wrote {name!r} into checkpoint "
+                    f"{index}: report the checkpoint from one rank only, or give each rank's "
+                    f"files their own names (e.g. f'shard_{{rank}}.pt')")
+            files[name] = entry
+    if not files:
+        raise ConfigurationError(
+            f"checkpoint {index} has no files: every rank that reported it passed an empty "
+            "folder. Write the state into the folder before report(), or report the metrics "
+            "without a checkpoint")
+    return files
+
+
+class CheckpointManager:
+    """The checkpoints of one run, as one writer sees them (see the module's rules)."""
+
+    def __init__(self, storage: RunStorage, config: CheckpointConfig | None = None,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None):
+        self.storage = storage
+        self.config = config or CheckpointConfig()
+        self.logger = logger or logging.getLogger("prefect_distrain")
+        self.lease: RunLease | None = None
+        self.committed: list[Manifest] = []
+        self.protected: set[str] = set()
+        self._swept: set[int] = set()
+
+    # -- the writer ------------------------------------------------------------------------
+
+    def open(self, identity: dict[str, Any], timeout_s: float, takeover: bool = False) -> None:
+        """Take the run's lease (RunInUseError if another writer is alive) and read what is
+        committed."""
+        self.lease = RunLease(self.storage, identity, timeout_s, force=takeover)
+        self.lease.acquire()
+        self.refresh()
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
+    def refresh(self) -> list[Manifest]:
+        """Read the run's committed manifests again (after a restart: what the attempt
+        before committed), saying which files in ``_manifests`` are not valid ones."""
+        manifests, problems = self._storage_call("reading the manifests",
+                                                 self.storage.read_manifests)
+        for problem in problems:
+            self.logger.warning("Skipping %s; it is left as it is", problem)
+        self.committed = manifests
+        return manifests
+
+    def check_lease(self, look: bool = True) -> None:
+        """LeaseLostError once another writer took the run over. ``look=False``: only what the
+        lease's heartbeat has already seen (no storage access, for the driver's poll loop)."""
+        if self.lease is not None:
+            self.lease.check() if look else self.lease.raise_if_lost()
+
+    # -- attempts --------------------------------------------------------------------------
+
+    def attempts(self) -> list[dict[str, Any]]:
+        """The attempt ledger, by attempt number; unreadable records are reported, skipped."""
+        return read_attempts(self.storage)
+
+    def claim_attempt(self, record: dict[str, Any], at_least: int = 0) -> dict[str, Any]:
+        """The next attempt number, claimed by creating its record exclusively: two writers
+        never get the same one. Returns ``record`` as written, with ``attempt`` and ``lease``."""
+        used = [a["attempt"] for a in self.attempts()]
+        used += [attempt for _, _, attempt in self.storage.checkpoint_folders()]
+        used += [m.attempt for m in self.committed]
+        attempt = max([at_least - 1, *used], default=-1) + 1
+        for _ in range(100):
+            claimed = {**record, "attempt": attempt,
+                       "lease": self.lease.generation if self.lease else None}
+            if self._storage_call("claiming an attempt", self.storage.create_json, claimed,
+                                  ATTEMPTS, _attempt_name(attempt)):
+                return claimed
+            attempt += 1
+        raise StorageError(f"could not claim an attempt of run {self.storage.name!r}: 100 "
+                           "numbers in a row were taken")
+
+    def record_attempt(self, record: dict[str, Any]) -> None:
+        """Rewrite this writer's own attempt record (status, cause, ...)."""
+        self._storage_call("writing the attempt ledger", self.storage.write_json, record,
+                           ATTEMPTS, _attempt_name(record["attempt"]))
+
+    # -- reading checkpoints ---------------------------------------------------------------
+
+    def checkpoint(self, manifest: Manifest) -> Checkpoint:
+        return self.storage.checkpoint(manifest)
+
+    def latest(self) -> Checkpoint | None:
+        manifest = latest(self.committed)
+        return self.checkpoint(manifest) if manifest else None
+
+    def best_checkpoints(self) -> list[Checkpoint]:
+        return [self.checkpoint(m) for m in best_first(
+            self.committed, self.config.checkpoint_score_attribute,
+            self.config.checkpoint_score_order)]
+
+    def resume_point(self, value: Checkpoint | str | None) -> Checkpoint | None:
+        """What ``resume_from_checkpoint`` names: None, "latest", a path/URL or a Checkpoint;
+        verified or refused. A checkpoint of this run is protected from retention."""
+        resume = self._resolve(value)
+        if resume is not None and resume.manifest is not None \
+                and resume.path.rstrip("/") == f"{self.storage.run_url}/{resume.manifest.directory}":
+            self.protected = {resume.manifest.directory}
+        return resume
+
+    def _resolve(self, value: Checkpoint | str | None) -> Checkpoint | None:
+        if value is None:
+            return None
+        if value == "latest":
+            found = self.latest()
+            if found is None:
+                self.logger.info("Run %r has no committed checkpoint yet: starting fresh",
+                                 self.storage.name)
+            else:
+                self.logger.info("Resuming run %r from its latest checkpoint, %d",
+                                 self.storage.name, found.index)
+            return found
+        if isinstance(value, str):
+            if not value.strip():
+                raise ConfigurationError(
+                    "resume_from_checkpoint='' names no checkpoint: pass None (start fresh), "
+                    "'latest', a checkpoint's path/URL or a Checkpoint")
+            value = Checkpoint(value, self.storage.storage_options)
+        if not isinstance(value, Checkpoint):
+            raise ConfigurationError(
+                "resume_from_checkpoint takes a Checkpoint, a path/URL or 'latest', got "
+                f"{type(value).__name__}")
+        if not value.storage_options and self.storage.storage_options:
+            value = Checkpoint(value.path, self.storage.storage_options, value.manifest)
+        shown = redact_url(value.path)
+        fs, path = value.location()
+        if not fs.isdir(path):
+            raise ConfigurationError(
+                f"resume_from_checkpoint={shown!r}: no such checkpoint directory. Pass "
+                "result.checkpoint of an earlier run, the path of a checkpoint folder, or "
+                "'latest'")
+        if value.manifest is not None:
+            return value
+        parent, _, name = path.rstrip("/").rpartition("/")
+        manifest_path = f"{parent}/{MANIFESTS}/{name}.json"
+        if fs.exists(manifest_path):
+            try:
+                manifest = Manifest.from_json(fs.cat_file(manifest_path), f"{name}.json")
+            except ManifestError as error:
+                raise ConfigurationError(f"resume_from_checkpoint={shown!r}: {error}") from None
+            return Checkpoint(value.path, value.storage_options, manifest)
+        if parse_dirname(name) is not None and fs.isdir(f"{parent}/{MANIFESTS}"):
+            raise ConfigurationError(
+                f"resume_from_checkpoint={shown!r} is a checkpoint folder of a run with no "
+                "manifest: it was never committed (torn by a failure) or its manifest was "
+                "removed, so its files can't be verified. Resume from a committed checkpoint "
+                "(e.g. 'latest')")
+        if not fs.ls(path, detail=False):
+            raise ConfigurationError(f"resume_from_checkpoint={shown!r} is an empty folder")
+        self.logger.info("Resuming from %s, a folder with no manifest: its files are used as "
+                         "they are, unverified", shown)
+        return value
+
+    # -- committing and keeping ------------------------------------------------------------
+
+    def commit(self, index: int, attempt: int, files_by_rank: dict[int, dict[str, FileEntry]],
+               metrics: dict[str, Any], *, world_size: int, backend: str) -> Manifest:
+        """Write the manifest of a checkpoint whose files every declaring rank has uploaded,
+        then remove torn folders (once per attempt) and apply retention."""
+        attribute = self.config.checkpoint_score_attribute
+        if attribute is not None and attribute not in metrics:
+            shown = sorted(k for k in metrics if not k.startswith("_"))
+            raise ConfigurationError(
+                f"checkpoint_score_attribute {attribute!r} is not in the metrics reported with "
+                f"checkpoint {index} (reported: {', '.join(shown) or 'none'}): report it with "
+                "every checkpoint, or change CheckpointConfig(checkpoint_score_attribute=...)")
+        files = merge_files(index, files_by_rank)
+        self.check_lease()
+        manifest = Manifest.new(index, attempt, files, metrics=metrics, world_size=world_size,
+                                backend=backend,
+                                lease=self.lease.generation if self.lease else None)
+        self._storage_call(f"committing checkpoint {index}", self.storage.write_manifest,
+                           manifest)
+        self.committed.append(manifest)
+        if attempt not in self._swept:
+            self._swept.add(attempt)
+            self.remove_torn(attempt)
+        self.apply_retention()
+        return manifest
+
+    def apply_retention(self) -> None:
+        keep = retained(self.committed, self.config.num_to_keep,
+                        self.config.checkpoint_score_attribute,
+                        self.config.checkpoint_score_order, self.protected)
+        gone = [m for m in self.committed if m not in keep]
+        if gone:
+            self.check_lease()
+        for manifest in gone:
+            self._storage_call(f"deleting checkpoint {manifest.index}",
+                               self.storage.delete_checkpoint, manifest)
+        self.committed = keep
+
+    def remove_torn(self, current_attempt: int) -> list[str]:
+        """Remove the folders that have no manifest at all, of attempts that are provably over
+        (see the module's rules). Returns their names."""
+        self.check_lease()
+        manifests = set(self.storage.names(MANIFESTS))
+        dead = self.dead_attempts(current_attempt)
+        removed = []
+        for name, _, attempt in self.storage.checkpoint_folders():
+            if f"{name}.json" not in manifests and attempt in dead:
+                self._storage_call("removing a torn folder", self.storage.remove_folder, name)
+                removed.append(name)
+        if removed:
+            self.logger.info("Removed torn checkpoint folders of earlier attempts: %s",
+                             ", ".join(removed))
+        return removed
+
+    def dead_attempts(self, current_attempt: int) -> set[int]:
+        """Attempts (other than ours) that can write nothing more."""
+        records = {a["attempt"]: a for a in self.attempts()}
+        folders = {attempt for _, _, attempt in self.storage.checkpoint_folders()}
+        now, mine = time.time(), self.lease.generation if self.lease else None
+        timeout = self.lease.timeout_s if self.lease else 0.0
+        dead = set()
+        for attempt in (set(records) | folders) - {current_attempt}:
+            record = records.get(attempt)
+            if record is None or record.get("status") != "running":
+                dead.add(attempt)  # ended, or from before attempts had records
+            elif record.get("lease") is None or record.get("lease") == mine:
+                dead.add(attempt)  # a writer without a lease, or an earlier attempt of ours
+            else:
+                holder = self.storage.read_json(LEASE, f"lease_{record['lease']:06d}.json")
+                if holder is None or takeover_reason(holder, {}, now, timeout) is not None:
+                    dead.add(attempt)
+        return dead
+
+    def _storage_call(self, what: str, call: Any, *args: Any) -> Any:
+        """A storage operation of the driver; its failure (disk full, no permission, a network
+        error) is a StorageError (infrastructure) with the original error as its cause."""
+        try:
+            return call(*args)
+        except (ConfigurationError, ManifestError, LeaseLostError, StorageError):
+            raise
+        except Exception as error:
+            raise StorageError(f"{what} in {redact_url(self.storage.run_url)} failed: "
+                               f"{brief(error)}") from error
+
+
+def read_attempts(storage: RunStorage) -> list[dict[str, Any]]:
+    """The attempt ledger of a run, by attempt number; unreadable records are skipped."""
+    records = []
+    for name in storage.names(ATTEMPTS):
+        if name.startswith("attempt_") and name.endswith(".json"):
+            record = storage.read_json(ATTEMPTS, name)
+            if record is not None and isinstance(record.get("attempt"), int):
+                records.append(record)
+    return sorted(records, key=lambda a: a["attempt"])
+
+
+def _attempt_name(attempt: int) -> str:
+    return f"attempt_{attempt:05d}.json"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- other runs' checkpoints ------------------------------------------------------------------
+
+
+def committed_checkpoints(run: Any) -> list[Checkpoint]:
+    """The committed checkpoints of a run (a RunConfig with a name), oldest first."""
+    storage = run_storage(run)
+    manifests, _ = storage.read_manifests()
+    return [storage.checkpoint(m) for m in manifests]
+
+
+def latest_checkpoint(run: Any) -> Checkpoint | None:
+    """The latest committed checkpoint of another run (a RunConfig with a name), e.g. to
+    warm-start a new run from it: ``resume_from_checkpoint=pd.latest_checkpoint(prod)``."""
+    storage = run_storage(run)
+    manifest = latest(storage.read_manifests()[0])
+    return storage.checkpoint(manifest) if manifest else None
+
+
+def best_checkpoint(run: Any, metric: str, mode: str = "min") -> Checkpoint | None:
+    """The committed checkpoint of another run with the best ``metric`` (``mode`` "min" or
+    "max"); checkpoints without a real value of the metric (missing, NaN) are never chosen."""
+    if mode not in ("min", "max"):
+        raise ConfigurationError(f"mode {mode!r}: use 'min' or 'max'")
+    storage = run_storage(run)
+    ordered = best_first(storage.read_manifests()[0], metric, mode)
+    if not ordered or score(ordered[0].metrics, metric) is None:
+        return None
+    return storage.checkpoint(ordered[0])
+
+
+def run_storage(run: Any) -> RunStorage:
+    if getattr(run, "name", None) is None:
+        raise ConfigurationError("give the run to read from a name: RunConfig(name='prod', ...)")
+    url, options = run.resolved_storage()
+    return RunStorage(url, run.name, options)
+
+

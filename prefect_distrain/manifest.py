@@ -1,0 +1,168 @@
+"""The manifest: the record that makes a checkpoint exist, typed, versioned and validated.
+
+A manifest is read from storage that others can write to, so nothing in it is trusted as a path:
+file names must be relative, without ``..``, empty or absolute parts; the folder is a single
+``checkpoint_<index>-a<attempt>`` name inside the run's folder and matches the manifest's own
+index and attempt; sizes and sha256 hashes are well formed. A manifest that fails is refused
+with a ``ManifestError`` that names the file; readers skip it and say so.
+
+Version 2 adds the lease generation the committing writer held (``lease``). Version 1 manifests
+(no ``lease``) are read as they are; a newer version is refused with the fix (upgrade).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import DistrainError
+from .fs import dumps_json
+
+SCHEMA_VERSION = 2
+READS = (1, 2)
+
+_DIRNAME = re.compile(r"^checkpoint_(\d{6,})-a(\d+)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(DistrainError):
+    """A manifest that cannot be used: unreadable, of an unknown version, or with fields that
+    are not what a manifest holds (e.g. a file name that leaves the checkpoint's folder)."""
+
+
+def checkpoint_dirname(index: int, attempt: int) -> str:
+    return f"checkpoint_{index:06d}-a{attempt}"
+
+
+def parse_dirname(name: str) -> tuple[int, int] | None:
+    """(index, attempt) of a checkpoint folder's name, or None for any other name."""
+    match = _DIRNAME.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One committed checkpoint: its files with their sizes and hashes, the ranks that wrote
+    them, rank 0's metrics of that report, and who committed it."""
+
+    index: int
+    attempt: int
+    files: dict[str, FileEntry]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+    backend: str = ""
+    committed_at: str = ""
+    lease: int | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def directory(self) -> str:
+        """The checkpoint's folder in the run's folder."""
+        return checkpoint_dirname(self.index, self.attempt)
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({f.rank for f in self.files.values()})
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    @classmethod
+    def new(cls, index: int, attempt: int, files: dict[str, FileEntry], *, metrics: dict,
+            world_size: int, backend: str, lease: int | None) -> Manifest:
+        return cls(index=index, attempt=attempt, files=dict(sorted(files.items())),
+                   metrics=dict(metrics), world_size=world_size, backend=backend,
+                   committed_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   lease=lease)
+
+    def to_json(self) -> bytes:
+        record = {
+            "schema_version": self.schema_version, "index": self.index, "attempt": self.attempt,
+            "directory": self.directory,
+            "files": {name: {"size": f.size, "sha256": f.sha256, "rank": f.rank}
+                      for name, f in self.files.items()},
+            "ranks": self.ranks, "metrics": self.metrics, "world_size": self.world_size,
+            "backend": self.backend, "committed_at": self.committed_at, "lease": self.lease,
+        }
+        return dumps_json(record)
+
+    @classmethod
+    def from_json(cls, data: bytes | str, name: str) -> Manifest:
+        """Parse and validate; ``name`` is the manifest's file name (``<folder>.json``)."""
+        try:
+            record = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ManifestError(f"manifest {name}: not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ManifestError(f"manifest {name}: not a JSON object")
+        version = record.get("schema_version")
+        if version not in READS:
+            if isinstance(version, int) and version > SCHEMA_VERSION:
+                raise ManifestError(
+                    f"manifest {name}: schema version {version} was written by a newer "
+                    f"prefect-distrain (this one reads versions {READS}): upgrade it to read "
+                    "this checkpoint")
+            raise ManifestError(f"manifest {name}: unknown schema version {version!r}")
+        index, attempt = record.get("index"), record.get("attempt")
+        if not _natural(index) or not _natural(attempt):
+            raise ManifestError(f"manifest {name}: index and attempt must be whole numbers >= 0")
+        folder = checkpoint_dirname(index, attempt)
+        if record.get("directory", folder) != folder or name != f"{folder}.json":
+            raise ManifestError(
+                f"manifest {name}: its folder {record.get('directory')!r} is not "
+                f"{folder!r}, the checkpoint folder of its index and attempt in the run")
+        files = record.get("files")
+        if not isinstance(files, dict):
+            raise ManifestError(f"manifest {name}: 'files' is not a mapping of names")
+        entries = {}
+        for file_name, entry in files.items():
+            problem = unsafe_name(file_name)
+            if problem:
+                raise ManifestError(f"manifest {name}: file name {file_name!r} {problem}")
+            if not isinstance(entry, dict) or not _natural(entry.get("size")) \
+                    or not isinstance(entry.get("sha256"), str) \
+                    or not _SHA256.match(entry["sha256"]) or not _natural(entry.get("rank")):
+                raise ManifestError(
+                    f"manifest {name}: file {file_name!r} needs a size, a sha256 (64 hex "
+                    "digits) and a rank")
+            entries[file_name] = FileEntry(entry["size"], entry["sha256"], entry["rank"])
+        metrics = record.get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise ManifestError(f"manifest {name}: 'metrics' is not a mapping")
+        lease = record.get("lease")
+        if lease is not None and not _natural(lease):
+            raise ManifestError(f"manifest {name}: 'lease' is not a whole number")
+        world_size = record.get("world_size", 1)
+        return cls(index=index, attempt=attempt, files=entries, metrics=metrics,
+                   world_size=world_size if _natural(world_size) else 1,
+                   backend=str(record.get("backend", "")),
+                   committed_at=str(record.get("committed_at", "")), lease=lease,
+                   schema_version=version)
+
+
+def unsafe_name(name: Any) -> str | None:
+    """Why a file name from a manifest could reach outside the checkpoint's folder, or None."""
+    if not isinstance(name, str) or not name:
+        return "is not a non-empty string"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "is absolute"
+    if "\\" in name or "\x00" in name:
+        return "holds a backslash or a NUL"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "has an empty, '.' or '..' part"
+    return None
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
