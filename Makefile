@@ -4,7 +4,7 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install quickstart test bench
+.PHONY: install quickstart test lint bench
 
 install: $(INSTALLED)
 
@@ -17,6 +17,9 @@ quickstart: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest
+
+lint: $(INSTALLED)
+	$(VENV)/bin/python -m ruff check prefect_distrain tests flows benchmarks
 
 bench: $(INSTALLED)
 	$(VENV)/bin/python benchmarks/run.py

@@ -28,8 +28,6 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ray  # noqa: E402
-
-import prefect_distrain as pd  # noqa: E402
 from loops import (  # noqa: E402
     bench_loop,
     checkpoint_stall_loop,
@@ -37,6 +35,8 @@ from loops import (  # noqa: E402
     scaling_loop,
     step_overhead_loop,
 )
+
+import prefect_distrain as pd  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -250,7 +250,7 @@ class Bench:
 
 def profile_upload(path: str, options: dict) -> list[str]:
     """Where an upload's time goes: cProfile of one sync persistence of the same file."""
-    from prefect_distrain.storage import RunStorage
+    from prefect_distrain.checkpoints.storage import RunStorage
 
     folder = tempfile.mkdtemp()
     shutil.copy(path, os.path.join(folder, "state.pt"))
@@ -291,7 +291,8 @@ def show(figures: dict, machine: dict) -> str:
              "", "| figure | value | goal |", "|---|---|---|"]
     for name, figure in figures.items():
         if "median" in figure:
-            value = f"{figure['median']:.3f} (min {figure['min']:.3f}, max {figure['max']:.3f}, n={figure['runs']})"
+            value = (f"{figure['median']:.3f} (min {figure['min']:.3f}, "
+                     f"max {figure['max']:.3f}, n={figure['runs']})")
         elif "ratio" in figure:
             value = f"{figure['ratio']:.3f}"
             extra = {k: v for k, v in figure.items() if k.endswith("MB/s")}

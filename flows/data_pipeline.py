@@ -64,7 +64,8 @@ def data_loop(config):
 
     pd.torch.enable_reproducibility(config.get("seed", 0))
     model = pd.torch.prepare_model(torch.nn.Sequential(
-        torch.nn.Linear(64, config["hidden"]), torch.nn.ReLU(), torch.nn.Linear(config["hidden"], 10)))
+        torch.nn.Linear(64, config["hidden"]), torch.nn.ReLU(),
+        torch.nn.Linear(config["hidden"], 10)))
     optimizer = pd.torch.prepare_optimizer(
         torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9))
     device = pd.torch.get_device()

@@ -84,4 +84,5 @@ def digits_loop(config):
                 plain = model.module if hasattr(model, "module") else model
                 torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch, "run": run_name}, os.path.join(folder, "state.pt"))
-            pd.report(metrics, checkpoint=pd.Checkpoint.from_directory(folder) if rank == 0 else None)
+            pd.report(metrics,
+                      checkpoint=pd.Checkpoint.from_directory(folder) if rank == 0 else None)

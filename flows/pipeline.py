@@ -19,8 +19,9 @@ from prefect import flow, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import prefect_distrain as pd  # noqa: E402
 from digits import accuracy, build_model, digits_loop, load_arrays  # noqa: E402
+
+import prefect_distrain as pd  # noqa: E402
 
 DEFAULT_STORAGE = os.path.join(tempfile.gettempdir(), "prefect-distrain")
 

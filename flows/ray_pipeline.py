@@ -6,11 +6,12 @@ same Ray cluster.
 
 Two preprocessing tasks run as Ray tasks: ``scale_digits`` scales scikit-learn's bundled digits
 to [0, 1] and writes them to fsspec storage; ``split_digits`` splits them into training and test
-arrays, which ``digits_loop`` (flows/digits.py) trains on. ``pd.train`` is submitted to the same runner: it runs as a Ray task too, places its 2
-workers on the same cluster (no second Ray starts) and holds no CPU of its own, so on a 2-CPU
-machine its 2 workers fit beside it. Every task, ``train`` included, logs to its own task run in
-the flow's Prefect API: ``pd.ray_task_runner`` passes the flow's API address on to the Ray
-tasks, so none of them starts an ephemeral Prefect server of its own.
+arrays, which ``digits_loop`` (flows/digits.py) trains on. ``pd.train`` is submitted to the same
+runner: it runs as a Ray task too, places its 2 workers on the same cluster (no second Ray
+starts) and holds no CPU of its own, so on a 2-CPU machine its 2 workers fit beside it. Every
+task, ``train`` included, logs to its own task run in the flow's Prefect API:
+``pd.ray_task_runner`` passes the flow's API address on to the Ray tasks, so none of them starts
+an ephemeral Prefect server of its own.
 
 With a Prefect server, the same flow runs from a deployment; with a ``RayCluster`` block, one
 definition serves the runner and ``train``::
@@ -24,16 +25,16 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
-
 import sys
+import tempfile
 
 from prefect import flow, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import prefect_distrain as pd  # noqa: E402
 from digits import digits_loop, load_arrays  # noqa: E402
+
+import prefect_distrain as pd  # noqa: E402
 
 DEFAULT_STORAGE = os.path.join(tempfile.gettempdir(), "prefect-distrain")
 

@@ -19,9 +19,10 @@ from prefect import flow
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import prefect_distrain as pd  # noqa: E402
 from digits import digits_loop  # noqa: E402
 from pipeline import DEFAULT_STORAGE, evaluate, prepare_digits  # noqa: E402
+
+import prefect_distrain as pd  # noqa: E402
 
 
 def previous_runs(storage: str, model: str) -> list[str]:

@@ -18,9 +18,10 @@ from prefect import flow
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import prefect_distrain as pd  # noqa: E402
 from digits import digits_loop  # noqa: E402
 from pipeline import prepare_digits  # noqa: E402
+
+import prefect_distrain as pd  # noqa: E402
 
 DEFAULT_STORAGE = os.path.join(tempfile.gettempdir(), "prefect-distrain")
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .backends import Backend, BackendConfig, available_backends
 from . import callbacks
+from .backends import Backend, BackendConfig, available_backends
 from .callbacks import EarlyStopping, PrintingCallback, TrainingCallback
-from .checkpoint import Checkpoint
+from .checkpoints.checkpoint import Checkpoint
+from .checkpoints.lease import LeaseLostError, RunInUseError
+from .checkpoints.manager import best_checkpoint, latest_checkpoint
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from .data import DataConfig, read_dataset
 from .exceptions import (
     CheckpointCorruptError,
     CheckpointUploadError,
@@ -36,28 +37,17 @@ from .exceptions import (
     DistrainError,
     RemoteTraceback,
     ResourcesUnavailableError,
+    StopTraining,
+    StorageError,
     UnequalReportsError,
     UnsafeCheckpointError,
     WorkerError,
-    StopTraining,
-    StorageError,
     WorkerLostError,
 )
-from .lease import LeaseLostError, RunInUseError
-from .result import TrainResult
-from .session import (
-    TrainContext,
-    get_checkpoint,
-    get_context,
-    get_dataset_shard,
-    report,
-)
-from .checkpoint_manager import best_checkpoint, latest_checkpoint
-from .trainer import Trainer
-from .tune import (
-    ASHAScheduler,
-    MedianStoppingRule,
-    TrialScheduler,
+from .execution.trainer import Trainer
+from .integrations.data import DataConfig, read_dataset
+from .integrations.schedulers import ASHAScheduler, MedianStoppingRule, TrialScheduler
+from .integrations.tune import (
     TuneResult,
     choice,
     grid,
@@ -65,21 +55,23 @@ from .tune import (
     tune,
     uniform,
 )
+from .result import TrainResult
+from .session import TrainContext, get_checkpoint, get_context, get_dataset_shard, report
 
 if TYPE_CHECKING:
     from . import tensorflow, torch
     from .backends.horovod import HorovodConfig
     from .backends.tensorflow import TensorflowConfig
     from .backends.torch import TorchConfig
-    from .prefect_ray import ray_task_runner
-    from .tasks import retry_on_infrastructure, train
+    from .prefect.ray_runner import ray_task_runner
+    from .prefect.tasks import retry_on_infrastructure, train
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": ("prefect_distrain.tasks", "train"),
-    "retry_on_infrastructure": ("prefect_distrain.tasks", "retry_on_infrastructure"),
-    "ray_task_runner": ("prefect_distrain.prefect_ray", "ray_task_runner"),
+    "train": ("prefect_distrain.prefect.tasks", "train"),
+    "retry_on_infrastructure": ("prefect_distrain.prefect.tasks", "retry_on_infrastructure"),
+    "ray_task_runner": ("prefect_distrain.prefect.ray_runner", "ray_task_runner"),
     "TorchConfig": ("prefect_distrain.backends.torch", "TorchConfig"),
     "TensorflowConfig": ("prefect_distrain.backends.tensorflow", "TensorflowConfig"),
     "HorovodConfig": ("prefect_distrain.backends.horovod", "HorovodConfig"),

@@ -127,6 +127,15 @@ class EarlyStopping(TrainingCallback):
                 f"{self.best_iteration})")
 
 
-# The experiment trackers are callbacks too: pd.callbacks.TensorBoardLogger(), MLflowLogger(...),
-# WandbLogger(...). Their libraries are imported only when a tracker is used.
-from .trackers import MLflowLogger, TensorBoardLogger, WandbLogger  # noqa: E402, F401
+#: The experiment trackers are callbacks too: pd.callbacks.TensorBoardLogger(),
+#: MLflowLogger(...), WandbLogger(...); their module loads when one is asked for (it imports
+#: this one), and their libraries when a tracker is used.
+_TRACKERS = ("MLflowLogger", "TensorBoardLogger", "WandbLogger")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRACKERS:
+        from .integrations import trackers
+
+        return getattr(trackers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

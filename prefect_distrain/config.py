@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoints.fs import absolute_url
 from .exceptions import ConfigurationError
-from .fs import absolute_url
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -51,7 +51,8 @@ class ScalingConfig:
                 f"num_workers must be an integer of at least 1 (got {self.num_workers!r}): set "
                 "ScalingConfig(num_workers=N) to the number of training processes you want")
         if self.min_workers is not None and (
-                not isinstance(self.min_workers, int) or not 1 <= self.min_workers <= self.num_workers):
+                not isinstance(self.min_workers, int)
+                or not 1 <= self.min_workers <= self.num_workers):
             raise ConfigurationError(
                 f"min_workers must be between 1 and num_workers={self.num_workers} (got "
                 f"{self.min_workers!r}); leave it None for a group of fixed size")
@@ -84,6 +85,13 @@ class ScalingConfig:
 
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def run_name_part(fn: Any, fallback: str = "train") -> str:
+    """A function's name as it may appear in a run's name (letters, digits, '.', '_', '-')."""
+    name = "".join(c if c.isalnum() or c in "._-" else "_"
+                   for c in getattr(fn, "__name__", fallback))
+    return name.strip("_") or fallback
 
 
 @dataclass(frozen=True)
@@ -119,12 +127,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.takeover, bool):
             raise ConfigurationError(f"takeover must be True or False (got {self.takeover!r})")
-        if self.name is not None and not (isinstance(self.name, str) and _RUN_NAME.match(self.name)):
+        if self.name is not None and not (isinstance(self.name, str)
+                                          and _RUN_NAME.match(self.name)):
             raise ConfigurationError(
                 f"run name {self.name!r} is not usable as a folder name: use letters, digits, "
                 "'.', '_' and '-' (at most 128, starting with a letter or digit)")
         if self.total is not None and (not isinstance(self.total, int) or self.total < 1):
-            raise ConfigurationError(f"total must be a positive number of steps (got {self.total!r})")
+            raise ConfigurationError(
+                f"total must be a positive number of steps (got {self.total!r})")
         if not isinstance(logging.getLevelName(self.other_ranks_log_level), int):
             raise ConfigurationError(
                 f"other_ranks_log_level {self.other_ranks_log_level!r} is not a logging level: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint
+from .checkpoints.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,8 @@ class TrainResult:
 
     ``metrics`` is the last report of rank 0 and ``metrics_history`` every report of rank 0 in
     order; ``metrics_all_ranks`` the last report of every rank (in rank order) and
-    ``metrics_history_all_ranks`` those of every iteration; ``worker_results`` holds the training function's return values in rank order.
+    ``metrics_history_all_ranks`` those of every iteration; ``worker_results`` holds the
+    training function's return values in rank order.
     ``checkpoint`` is the latest committed checkpoint (None if none was reported) and
     ``best_checkpoints`` the kept ones with their metrics, best first by the score attribute
     (newest first without one). Checkpoints here carry no storage options, so no credentials
@@ -39,3 +40,18 @@ class TrainResult:
     metrics_all_ranks: list[dict[str, Any]] = field(default_factory=list)
     metrics_history_all_ranks: list[list[dict[str, Any]]] = field(default_factory=list)
     wall_time_s: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a run shows when it ends, successful or not (``train`` publishes it to Prefect):
+    its storage, backend, rank 0's reports, wall time, the result or the error, and every
+    rank's last log lines. Lives in the driver only (its storage holds the options)."""
+
+    storage: Any
+    backend: str
+    history: list[dict[str, Any]]
+    wall_time_s: float
+    result: TrainResult | None = None
+    error: BaseException | None = None
+    tails: dict[int, list[str]] = field(default_factory=dict)

@@ -28,7 +28,7 @@ import tempfile
 from typing import Any
 
 from .backends.tensorflow import TensorflowConfig, import_tensorflow
-from .checkpoint import Checkpoint
+from .checkpoints.checkpoint import Checkpoint
 from .session import get_context, report
 
 tf = import_tensorflow()

@@ -12,6 +12,9 @@ def train_loop(config):
 ```
 ``batch_size`` stays per worker: the global batch is ``batch_size * get_world_size()``.
 
+One module (over 350 lines) because it is one public module, ``pd.torch``, named as
+``ray.train.torch``: what a torch training loop calls, and the state ``mode="auto"`` keeps.
+
 Mixed precision: call ``accelerate(amp=True)`` first, prepare the optimizer with
 ``prepare_optimizer`` and call ``backward(loss)`` instead of ``loss.backward()`` (bf16 autocast
 on CPU; fp16 with a gradient scaler on GPU). ``enable_reproducibility(seed)`` before building
@@ -28,10 +31,10 @@ import random
 import tempfile
 from typing import Any, Callable, Iterator
 
-from . import session as _session_module
 from .backends.torch import TorchConfig, cuda_device_index, import_torch
-from .checkpoint import Checkpoint
+from .checkpoints.checkpoint import Checkpoint
 from .exceptions import ConfigurationError, UnsafeCheckpointError
+from .session import current_session
 
 torch = import_torch()
 
@@ -119,15 +122,13 @@ def prepare_data_loader(data_loader: DataLoader, add_dist_sampler: bool = True,
             prefetch_factor=data_loader.prefetch_factor,
             persistent_workers=data_loader.persistent_workers,
         )
-    session = _session_module._current
-    training = session is not None and not session.training_loader_claimed
-    if training:
-        session.training_loader_claimed = True
-    if not move_to_device and not training \
+    session = current_session()
+    auto = session.auto if session is not None and session.auto.claim_training_loader() \
+        else None
+    if not move_to_device and auto is None \
             and not isinstance(data_loader.sampler, DistributedSampler):
         return data_loader
-    return _DeviceLoader(data_loader, get_device() if move_to_device else None,
-                         session if training else None)
+    return _DeviceLoader(data_loader, get_device() if move_to_device else None, auto)
 
 
 class _DeviceLoader:
@@ -137,10 +138,10 @@ class _DeviceLoader:
     must, for the same data order as a run that never stopped) keeps its own epoch.
     """
 
-    def __init__(self, loader: DataLoader, device: torch.device | None, session: Any = None):
+    def __init__(self, loader: DataLoader, device: torch.device | None, auto: Any = None):
         self.loader = loader
         self.device = device
-        self.session = session  # set on the training data loader: it reports each pass
+        self.auto = auto  # set on the training data loader: it begins each pass
         self.passes = 0
         self._epoch_set = 0
 
@@ -158,7 +159,7 @@ class _DeviceLoader:
             sampler.set_epoch(self.passes)  # nobody else set it: count the passes
             self._epoch_set = self.passes
         self.passes += 1
-        replay = self.session is not None and self.session.begin_pass()
+        replay = self.auto is not None and self.auto.begin_pass()
         for batch in self.loader:
             yield batch if self.device is None else _to_device(batch, self.device)
             if replay:  # a pass done before the restart (mode "auto"): one batch, undone later
@@ -352,16 +353,16 @@ class _TorchAutoState:
     """The models and optimizers ``mode="auto"`` checkpoints; restores them (and the random
     state) where the first pass after a restart's replay begins."""
 
-    def __init__(self, session: Any):
-        self.session = session
+    def __init__(self, auto: Any):
+        self.auto = auto
         self.models: list[torch.nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
         self._folder: str | None = None
 
     def _saved(self, name: str) -> Any:
         """A file of the resume checkpoint (downloaded once), or None on a fresh start."""
-        checkpoint = self.session.checkpoint
-        if self.session.passes_done_at_resume == 0 or checkpoint is None:
+        checkpoint = self.auto.resume
+        if self.auto.passes_done_at_resume == 0 or checkpoint is None:
             return None
         if self._folder is None:
             self._folder = checkpoint.to_directory(tempfile.mkdtemp(prefix="auto-resume-"))
@@ -397,19 +398,19 @@ class _TorchAutoState:
             optimizer.load_state_dict(saved)
         if state.get("scaler") and _accelerator.scaler is not None:
             _accelerator.scaler.load_state_dict(state["scaler"])
-        rank = self.session.context.get_world_rank()
+        rank = self.auto.rank
         randomness = self._saved(_rng_file(rank)) or self._saved(_rng_file(0))
         if randomness is not None:
             _set_random_state(randomness)
 
 
 def _auto_state() -> _TorchAutoState | None:
-    session = _session_module._current
-    if session is None or session.checkpoint_mode != "auto":
+    session = current_session()
+    if session is None or not session.auto.enabled:
         return None
-    if session.auto_state is None:
-        session.auto_state = _TorchAutoState(session)
-    return session.auto_state
+    if session.auto.state is None:
+        session.auto.state = _TorchAutoState(session.auto)
+    return session.auto.state
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:

@@ -12,19 +12,20 @@ import pickle
 import tempfile
 
 import cloudpickle
+import flaky_fs
 import pytest
 import torch
-
-import flaky_fs
-import prefect_distrain as pd
 from conftest import S3_SECRET, assert_no_train_actors, flow_run_records
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefect_distrain.checkpoint_manager import CheckpointManager, best_first, retained, score
-from prefect_distrain.lease import holder_identity
-from prefect_distrain.manifest import Manifest
-from prefect_distrain.storage import RunStorage
+import prefect_distrain as pd
+from prefect_distrain.checkpoints.lease import holder_identity
+from prefect_distrain.checkpoints.ledger import AttemptLedger
+from prefect_distrain.checkpoints.manager import CheckpointManager, best_first, retained, score
+from prefect_distrain.checkpoints.manifest import Manifest
+from prefect_distrain.checkpoints.storage import RunStorage
+from prefect_distrain.execution.preflight import storage_preflight
 
 
 def listing(storage: dict, name: str) -> tuple[list[str], list[str]]:
@@ -63,14 +64,16 @@ def write_files(folder: str, files: dict[str, bytes]) -> str:
 
 def test_store_commit_protocol(any_storage, tmp_path):
     run = RunStorage(any_storage["storage"], "store", any_storage["storage_options"])
-    run.remove_marker(run.check_writable())
+    with storage_preflight(run):  # the driver's check: the run's folder is writable
+        pass
     manager = CheckpointManager(run)
     manager.open(holder_identity(), timeout_s=60)
     try:
         source = write_files(str(tmp_path / "src"), {"model.pt": b"weights" * 1000,
                                                      "opt/state.bin": b"\x00\x01" * 10})
-        first = manager.claim_attempt({"status": "running"})
-        assert first["attempt"] == 0 and first["lease"] == 1
+        ledger = AttemptLedger(run, lease=manager.lease.generation)
+        first = ledger.begin(world_size=2, resumed_from=None, restart_cause=None)
+        assert first["attempt"] == 0 and first["lease"] == 1 and first["status"] == "running"
         files = run.upload(source, index=1, attempt=0, rank=0)
         assert files["model.pt"].size == 7000 and files["opt/state.bin"].rank == 0
         assert run.read_manifests() == ([], []), "uploaded but not committed: not a checkpoint"
@@ -95,9 +98,10 @@ def test_store_commit_protocol(any_storage, tmp_path):
         # Torn staging of attempt 0 (no manifest) is invisible; once attempt 0 has ended, the
         # first commit of attempt 1 removes it.
         run.upload(source, index=2, attempt=0, rank=0)
-        manager.record_attempt({**first, "status": "failed"})
-        second_attempt = manager.claim_attempt({"status": "running"})
-        assert second_attempt["attempt"] == 1
+        ledger.end(first, "failed", "killed", last_reported=2)
+        second_attempt = ledger.begin(world_size=2, resumed_from=checkpoint,
+                                      restart_cause="killed")
+        assert second_attempt["attempt"] == 1 and second_attempt["steps_redone"] == 1
         files3 = run.upload(source, index=2, attempt=1, rank=0)
         manager.commit(2, 1, {0: files3}, {"loss": 0.4}, world_size=2, backend="torch")
         names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))

@@ -11,9 +11,9 @@ import sys
 import pytest
 import ray
 import torch
+from conftest import flow_run_records, load_flow
 
 import prefect_distrain as pd
-from conftest import flow_run_records, load_flow
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -132,7 +132,7 @@ def test_csv_files_read_as_a_dataset(tmp_path):
 
 
 def test_without_ray_data_the_error_names_the_extra(monkeypatch):
-    from prefect_distrain.data import import_ray_data
+    from prefect_distrain.integrations.data import import_ray_data
 
     monkeypatch.setitem(sys.modules, "ray.data", None)  # as if ray[data] were not installed
     with pytest.raises(ImportError, match=r"pip install 'prefect-distrain\[data\]'"):

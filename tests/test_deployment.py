@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import ray
-
 from conftest import flow_run_records
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
@@ -24,7 +23,8 @@ def prefect_cli(*args: str, timeout: float = 120) -> str:
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     done = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, \
+        f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
 
 

@@ -11,11 +11,11 @@ import time
 
 import pytest
 import ray
+from conftest import Records, assert_no_train_actors
+from fault_loops import deterministic_loop
 from ray.cluster_utils import Cluster
 
 import prefect_distrain as pd
-from conftest import Records, assert_no_train_actors
-from fault_loops import deterministic_loop
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ driver, and the user's bug that is never retried. Each fault happens once, keyed
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +15,11 @@ import time
 
 import pytest
 import ray
+from conftest import TESTS, assert_no_train_actors, flow_run_records, live_train_actors
+from fault_loops import deterministic_loop, same_weights
 from prefect import flow
 
 import prefect_distrain as pd
-from conftest import TESTS, assert_no_train_actors, flow_run_records, live_train_actors
-from fault_loops import deterministic_loop, same_weights
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -156,7 +156,8 @@ def test_a_killed_driver_leaves_no_workers_and_a_new_flow_run_finishes_the_job(
         @flow
         def doomed():
             pd.train(deterministic_loop, scaling=pd.ScalingConfig(num_workers=2),
-                     config={{"epochs": {EPOCHS}, "epoch_sleep": 1.0, "progress": {str(progress)!r}}},
+                     config={{"epochs": {EPOCHS}, "epoch_sleep": 1.0,
+                              "progress": {str(progress)!r}}},
                      run=pd.RunConfig(name="orphaned", storage={storage!r}),
                      ray_address={ray.get_runtime_context().gcs_address!r})
         doomed()
@@ -191,4 +192,29 @@ def test_a_killed_driver_leaves_no_workers_and_a_new_flow_run_finishes_the_job(
     assert attempts[0]["status"] == "running", "the killed driver never recorded an outcome"
     assert attempts[1]["restarted_because"] == "the driver was lost (no outcome recorded)"
     assert attempts[1]["resumed_from"] is not None
+    assert_no_train_actors()
+
+
+def one_rank_bug(config):
+    """Rank 1 hits a bad record after its first report, every time; rank 0 waits."""
+    pd.report({"step": 0})
+    if pd.get_context().get_world_rank() == 1:
+        raise ValueError("row 17 has no label")
+    time.sleep(60)
+
+
+def test_a_bug_on_one_rank_that_repeats_after_a_restart_is_not_restarted_again(tmp_path):
+    """Raised on some ranks only, it looks like infrastructure once; the same error at the same
+    report iteration after the restart is the user's bug: no third attempt, no Prefect retry."""
+    run = pd.RunConfig(name="repeats", storage=str(tmp_path))
+    with pd.Trainer(num_workers=2, run=run, failure=pd.FailureConfig(max_failures=5)) as t:
+        with pytest.raises(ValueError, match="row 17 has no label") as caught:
+            t.fit(one_rank_bug)
+    assert caught.value.retryable is False and caught.value.ranks == [1]
+    assert any("it repeated after a restart: ValueError at report iteration 1 again" in note
+               for note in caught.value.__notes__)
+    attempts = ledger(str(tmp_path), "repeats")
+    assert [a["status"] for a in attempts] == ["failed", "failed"]
+    assert attempts[1]["failure"] == {"kind": "raised", "type": "builtins.ValueError",
+                                      "message": "row 17 has no label", "iteration": 1}
     assert_no_train_actors()

@@ -18,11 +18,16 @@ import time
 
 import pytest
 import ray
+from conftest import TESTS, assert_no_train_actors
 
 import prefect_distrain as pd
-from conftest import TESTS, assert_no_train_actors
-from prefect_distrain.lease import RunInUseError, RunLease, holder_identity, takeover_reason
-from prefect_distrain.storage import RunStorage
+from prefect_distrain.checkpoints.lease import (
+    RunInUseError,
+    RunLease,
+    holder_identity,
+    takeover_reason,
+)
+from prefect_distrain.checkpoints.storage import RunStorage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -149,8 +154,8 @@ def test_a_takeover_racing_a_live_writer_fences_it_off(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from prefect_distrain.lease import RunLease, holder_identity
-    from prefect_distrain.storage import RunStorage
+    from prefect_distrain.checkpoints.lease import RunLease, holder_identity
+    from prefect_distrain.checkpoints.storage import RunStorage
     identity = holder_identity()
     if sys.argv[2] != "-":
         identity["host"] = sys.argv[2]  # a writer on another machine

@@ -7,7 +7,6 @@ import importlib.util
 import os
 
 import pytest
-
 from conftest import load_flow
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")

@@ -31,7 +31,7 @@ def gpu_loop(config):
         torch.utils.data.TensorDataset(x, x[:, :4].sum(1, keepdim=True)), batch_size=32))
     total = torch.ones(1, device=device)
     dist.all_reduce(total)
-    for epoch in range(config["epochs"]):
+    for _ in range(config["epochs"]):
         losses = []
         for xb, yb in loader:
             optimizer.zero_grad()

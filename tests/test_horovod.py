@@ -8,9 +8,9 @@ import tempfile
 
 import numpy as np
 import pytest
+from conftest import assert_no_train_actors
 
 import prefect_distrain as pd
-from conftest import assert_no_train_actors
 
 pytest.importorskip("horovod", reason="run scripts/install_horovod.sh (make test does)")
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -33,7 +33,7 @@ def test_allreduce_and_ranks_and_a_second_train_in_the_same_process(tmp_path):
                              run=pd.RunConfig(name=name, storage=str(tmp_path)))
         with trainer:
             results = trainer.run(allreduce_loop)
-        assert trainer._backend.server is None, "shutdown stops the rendezvous server"
+        assert trainer.backend.backend.server is None, "shutdown stops the rendezvous server"
         assert [r["sum"] for r in results] == [3.0, 3.0]
         assert [(r["rank"], r["context_rank"], r["local_rank"]) for r in results] == \
             [(0, 0, 0), (1, 1, 1)]

@@ -9,12 +9,12 @@ import tempfile
 import time
 
 import pytest
+from conftest import flow_run_records
 from prefect import flow
 from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
 import prefect_distrain as pd
-from conftest import flow_run_records
 from prefect_distrain.blocks import CheckpointStorage, RayCluster
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
@@ -43,7 +43,6 @@ def read_back(flow_run_id, run_name: str, wait_for_events: set[str]):
     Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventResourceFilter
-
     from prefect.events.worker import EventsWorker
 
     EventsWorker.drain_all(timeout=60)

@@ -18,15 +18,15 @@ import time
 import cloudpickle
 import pytest
 import ray
+from conftest import flow_run_records
 from prefect import flow, task
 
 import prefect_distrain as pd
-from conftest import flow_run_records
 from prefect_distrain.blocks import RayCluster
 
 pytest.importorskip("prefect_ray")
 
-from prefect_distrain.prefect_ray import DistrainRayTaskRunner, flow_api_url  # noqa: E402
+from prefect_distrain.prefect.ray_runner import DistrainRayTaskRunner, flow_api_url  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -142,7 +142,6 @@ def records(flow_run_id, run_name: str):
     """Logs, artifacts, task runs and the run's closing event, from the flow's API."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
     from prefect.events.worker import EventsWorker
 
     EventsWorker.drain_all(timeout=60)
@@ -323,7 +322,7 @@ def test_an_existing_cluster_serves_runner_and_train_and_keeps_running(existing_
                                                                       tmp_path):
     """One RayCluster block for the runner and ``train``; train is called directly once and
     submitted once with a Prefect retry after a lost worker, which resumes."""
-    from prefect_distrain.tasks import train
+    from prefect_distrain.prefect.tasks import train
 
     before = processes_below(TEST_PID)
     block = RayCluster(address=existing_cluster.address,
@@ -437,7 +436,10 @@ def test_the_runner_copies_with_its_settings_and_takes_a_block_or_its_name():
 
 
 def test_the_users_own_modules_travel_by_value_installed_ones_by_reference():
-    from prefect_distrain.prefect_ray import _own_modules
+    from prefect_distrain.execution.pickling import user_modules
+
+    def _own_modules(task, parameters):  # as the runner asks, for a task and its parameters
+        return user_modules([getattr(task, "fn", None), *parameters.values()])
 
     assert _own_modules(scale, {"storage": "x"}) == [sys.modules[__name__]]
     assert _own_modules(pd.train, {"train_loop": train_loop, "config": {}}) == \
@@ -450,7 +452,8 @@ def test_the_example_pipeline_runs_on_the_ephemeral_api_with_one_prefect_server(
     URL), a temporary local Ray. Only the flow's process starts a Prefect server."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PREFECT_") and k != "RAY_ADDRESS"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PIPELINE_STORAGE=str(tmp_path / "runs"), RAY_DEDUP_LOGS="0")
     began = time.monotonic()
     done = subprocess.run([sys.executable, PIPELINE_PATH], capture_output=True, text=True,

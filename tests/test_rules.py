@@ -30,19 +30,18 @@ import threading
 import time
 from urllib.parse import quote
 
+import flaky_fs
+import node_local_fs
 import pytest
 import ray
 import torch
+from conftest import Records, _free_port, assert_no_train_actors, flow_run_records
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from ray.cluster_utils import Cluster
 
-import flaky_fs
-import node_local_fs
 import prefect_distrain as pd
-from conftest import Records, _free_port, assert_no_train_actors, flow_run_records
-
-from prefect_distrain.fs import redact_url
+from prefect_distrain.checkpoints.fs import redact_url
 
 #: The variables the torch backend sets on every worker, as torchrun would.
 TORCHRUN_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
@@ -580,9 +579,9 @@ def test_retention_removes_the_manifest_before_the_files(tmp_path):
         return next((i for i, path in enumerate(paths) if of(path)), len(paths))
 
     for name in ("checkpoint_000001-a0", "checkpoint_000002-a0"):
-        manifest = first_removal(lambda p: p == f"{run_folder}/_manifests/{name}.json")
-        files = first_removal(lambda p: p == f"{run_folder}/{name}"
-                              or p.startswith(f"{run_folder}/{name}/"))
+        manifest = first_removal(lambda p, n=name: p == f"{run_folder}/_manifests/{n}.json")
+        files = first_removal(lambda p, n=name: p == f"{run_folder}/{n}"
+                              or p.startswith(f"{run_folder}/{n}/"))
         assert manifest < len(paths) and files < len(paths), f"{name} was not removed: {removals}"
         assert manifest < files, f"{name}: its files went before its manifest: {removals}"
     assert listing(run_folder) == (["checkpoint_000003-a0"], ["checkpoint_000003-a0.json"])

@@ -9,11 +9,11 @@ import textwrap
 
 import pytest
 import ray
+from conftest import assert_no_train_actors
 from prefect import flow, unmapped
 from prefect.serializers import PickleSerializer
 
 import prefect_distrain as pd
-from conftest import assert_no_train_actors
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
 
@@ -57,7 +57,8 @@ def test_submit_map_and_with_options(tmp_path):
         done = submitted.result(), [f.result() for f in mapped]
         # After the others: the four workers above fill the 4 CPUs, and this one would wait.
         renamed = pd.train.with_options(name="train-renamed", retries=0)(
-            rank_loop, config={"epochs": 1}, run=pd.RunConfig(name="renamed", storage=str(tmp_path)))
+            rank_loop, config={"epochs": 1},
+            run=pd.RunConfig(name="renamed", storage=str(tmp_path)))
         return (*done, renamed)
 
     submitted, mapped, renamed = sweep()

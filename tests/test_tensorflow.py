@@ -10,9 +10,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import assert_no_train_actors
 
 import prefect_distrain as pd
-from conftest import assert_no_train_actors
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -18,13 +18,13 @@ import tempfile
 import time
 
 import pytest
+from conftest import S3_SECRET, _free_port, wait_until_serving
 
 import prefect_distrain as pd
-from conftest import S3_SECRET, _free_port, wait_until_serving
-from prefect_distrain.fs import redact_url
-from prefect_distrain.manifest import Manifest
-from prefect_distrain.storage import RunStorage
-from prefect_distrain.trackers import (
+from prefect_distrain.checkpoints.fs import redact_url
+from prefect_distrain.checkpoints.manifest import Manifest
+from prefect_distrain.checkpoints.storage import RunStorage
+from prefect_distrain.integrations.trackers import (
     MLflowLogger,
     TensorBoardLogger,
     WandbLogger,

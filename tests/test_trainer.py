@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import assert_no_train_actors
 
 import prefect_distrain as pd
-from conftest import assert_no_train_actors
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -225,9 +225,11 @@ def test_use_gpu_without_gpus_in_the_cluster(storage):
 
 
 def test_bad_input_gets_errors_that_name_the_fix(storage):
-    with pytest.raises(pd.ConfigurationError, match=r"unknown backend 'jax': choose one of .*'torch'"):
+    with pytest.raises(pd.ConfigurationError,
+                       match=r"unknown backend 'jax': choose one of .*'torch'"):
         pd.Trainer(backend="jax")
-    with pytest.raises(pd.ConfigurationError, match=r"num_workers must be an integer of at least 1 \(got 0\)"):
+    with pytest.raises(pd.ConfigurationError,
+                       match=r"num_workers must be an integer of at least 1 \(got 0\)"):
         pd.ScalingConfig(num_workers=0)
     with pytest.raises(pd.ConfigurationError, match="either scaling=ScalingConfig"):
         pd.Trainer(num_workers=2, scaling=pd.ScalingConfig())

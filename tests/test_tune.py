@@ -8,12 +8,12 @@ import os
 import signal
 
 import pytest
+from conftest import load_flow
 from prefect import flow
 from prefect.runtime import flow_run
 
 import prefect_distrain as pd
-from prefect_distrain.artifacts import artifact_key
-from conftest import load_flow
+from prefect_distrain.prefect.artifacts import artifact_key
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
 
@@ -100,7 +100,7 @@ def test_asha_stops_a_bad_trial_and_a_dead_trial_is_recorded_failed(tmp_path):
 def test_asha_stops_a_trial_at_the_rung_it_judged_ten_times_in_a_row(tmp_path):
     """The scheduler as the sweep uses it, on a warm group, reports milliseconds apart: a trial
     worse than the one before it at rung r ends every rank at report r."""
-    from prefect_distrain.tune import _TrialSupervisor
+    from prefect_distrain.integrations.schedulers import TrialSupervisor
 
     def quick(config):
         for step in range(1, 13):
@@ -114,12 +114,12 @@ def test_asha_stops_a_trial_at_the_rung_it_judged_ten_times_in_a_row(tmp_path):
             asha.bind("loss", "min")
             # A good trial first: loss 1 at every step, recorded at every rung.
             good = t.fit(quick, config={"loss": lambda step: 1.0},
-                         callbacks=[_TrialSupervisor(asha, "good")])
+                         callbacks=[TrialSupervisor(asha, "good")])
             assert good.stopped_early == "ASHA: reached max_t=12"
             # Then one that is as good until its rung, and worse there.
             worse_from = rung
             bad = t.fit(quick, config={"loss": lambda step, w=worse_from: 1.0 if step < w else 9.0},
-                        callbacks=[_TrialSupervisor(asha, "bad")])
+                        callbacks=[TrialSupervisor(asha, "bad")])
             assert [m["loss"] for m in bad.metrics_history][-1] == 9.0
             first = bad.metrics_history[0]["_training_iteration"]
             assert len(bad.metrics_history) == rung, (trial, rung, bad.metrics_history)

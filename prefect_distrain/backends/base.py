@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from ..worker_group import WorkerGroup
+    from ..execution.worker_group import WorkerGroup
 
 
 class Backend:
@@ -51,3 +51,16 @@ class BackendConfig:
 
     def make_backend(self) -> Backend:
         return self.backend_cls()
+
+
+def address_and_free_port() -> tuple[str, int]:
+    """On a worker: its node's address and a port free there now, for a framework's
+    rendezvous (torch's MASTER_PORT, a TF_CONFIG entry)."""
+    import socket
+
+    import ray
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return ray.util.get_node_ip_address(), port

@@ -16,7 +16,7 @@ from .. import settings
 from .base import Backend, BackendConfig
 
 if TYPE_CHECKING:
-    from ..worker_group import WorkerGroup
+    from ..execution.worker_group import WorkerGroup
 
 INSTALL_HINT = (
     "install Horovod with gloo: `bash scripts/install_horovod.sh` from the prefect-distrain "
@@ -59,7 +59,7 @@ def _set_env(values: dict[str, str]) -> None:
 
 
 def _set_env_by_rank(values_by_rank: list[dict[str, str]]) -> None:
-    from ..worker_group import get_worker_info
+    from ..session.context import get_worker_info
 
     _set_env(values_by_rank[get_worker_info().world_rank])
 

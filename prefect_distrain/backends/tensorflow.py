@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import settings
-from .base import Backend, BackendConfig
+from .base import Backend, BackendConfig, address_and_free_port
 
 if TYPE_CHECKING:
-    from ..worker_group import WorkerGroup
+    from ..execution.worker_group import WorkerGroup
 
 INSTALL_HINT = "pip install 'prefect-distrain[tensorflow]'"
 KERAS_CHOICES = ("tf_keras", "keras3")
@@ -36,19 +36,8 @@ def import_tensorflow():
     return tf
 
 
-def _address_and_free_port() -> str:
-    import socket
-
-    import ray
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    return f"{ray.util.get_node_ip_address()}:{port}"
-
-
 def _set_tf_config(workers: list[str]) -> None:
-    from ..worker_group import get_worker_info
+    from ..session.context import get_worker_info
 
     rank = get_worker_info().world_rank
     os.environ["TF_CONFIG"] = json.dumps(
@@ -65,7 +54,8 @@ class _TensorflowBackend(Backend):
 
     def on_start(self, worker_group: WorkerGroup, config: TensorflowConfig) -> None:
         timeout = settings.settings().backend_setup_timeout_s
-        workers = worker_group.execute(_address_and_free_port, timeout=timeout)
+        workers = [f"{address}:{port}" for address, port in
+                   worker_group.execute(address_and_free_port, timeout=timeout)]
         worker_group.execute(_set_tf_config, workers, timeout=timeout)
 
     def is_runtime_failure(self, error: BaseException) -> bool:

@@ -8,16 +8,15 @@ for torchrun works) and all ranks call ``init_process_group`` at once.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import settings
-from .base import Backend, BackendConfig
+from .base import Backend, BackendConfig, address_and_free_port
 
 if TYPE_CHECKING:
-    from ..worker_group import WorkerGroup
+    from ..execution.worker_group import WorkerGroup
 
 _INSTALL_HINT = "pip install 'prefect-distrain[torch]'"
 
@@ -46,9 +45,10 @@ class _TorchBackend(Backend):
             for member in worker_group.members:
                 ids = gpus_by_node.setdefault(member.metadata["node_id"], [])
                 ids.extend(g for g in member.metadata["gpu_ids"] if g not in ids)
-            gpus_by_node = {k: sorted(v, key=lambda g: (len(g), g)) for k, v in gpus_by_node.items()}
+            gpus_by_node = {k: sorted(v, key=lambda g: (len(g), g))
+                            for k, v in gpus_by_node.items()}
             worker_group.execute(_share_node_gpus, gpus_by_node, timeout=timeout)
-        address, port = worker_group.execute_single(0, _address_and_free_port, timeout=timeout)
+        address, port = worker_group.execute_single(0, address_and_free_port, timeout=timeout)
         worker_group.execute(_join_process_group, address, port,
                              config.process_group_backend(use_gpu), config.timeout_s,
                              timeout=timeout)
@@ -94,15 +94,6 @@ _RUNTIME_MARKS = ("gloo/transport", "Connection closed by peer", "Connection res
                   "Watchdog caught collective operation timeout")
 
 
-def _address_and_free_port() -> tuple[str, int]:
-    import ray
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
-
-
 def _share_node_gpus(gpus_by_node: dict[str, list[str]]) -> None:
     """Let every worker see all GPUs its node gives the group (nccl needs peers visible), and
     remember which of them is this worker's own."""
@@ -116,7 +107,7 @@ def _share_node_gpus(gpus_by_node: dict[str, list[str]]) -> None:
 
 
 def _join_process_group(master_addr: str, master_port: int, backend: str, timeout_s: float) -> None:
-    from ..worker_group import get_worker_info
+    from ..session.context import get_worker_info
 
     torch = import_torch()
     import torch.distributed as dist

@@ -1,10 +1,12 @@
 """Hyperparameter sweeps as Prefect flows: every trial is a ``train`` task run.
 
 ```python
-result = pd.tune(train_loop, search_space={"lr": pd.grid([1e-3, 1e-2]), "hidden": pd.choice([64, 128])},
+result = pd.tune(train_loop,
+                 search_space={"lr": pd.grid([1e-3, 1e-2]), "hidden": pd.choice([64, 128])},
                  num_samples=2, metric="val_loss", mode="min", max_concurrent_trials=2,
                  scheduler=pd.ASHAScheduler(grace_period=1, reduction_factor=2),
-                 scaling=pd.ScalingConfig(num_workers=2), run=pd.RunConfig(name="sweep", storage=...))
+                 scaling=pd.ScalingConfig(num_workers=2),
+                 run=pd.RunConfig(name="sweep", storage=...))
 result.best_config, result.best_checkpoint
 ```
 The sweep is a flow (a subflow inside yours); each trial a ``train`` task with its own run
@@ -25,19 +27,18 @@ import itertools
 import json
 import math
 import random
-import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .callbacks import TrainingCallback
-from .checkpoint import Checkpoint
-from .checkpoint_manager import best_first, score
-from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from .exceptions import ConfigurationError
-from .fs import redact_url
-from .storage import RunStorage
+from ..callbacks import TrainingCallback
+from ..checkpoints.checkpoint import Checkpoint
+from ..checkpoints.fs import redact_url
+from ..checkpoints.manager import best_first, score
+from ..checkpoints.storage import RunStorage
+from ..config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, run_name_part
+from ..exceptions import ConfigurationError
+from .schedulers import TrialScheduler, TrialSupervisor
 
 #: The sweep's folder for its trials' records (``trial_NNN.json``).
 TRIALS = "_trials"
@@ -105,128 +106,6 @@ def trial_configs(search_space: dict[str, Any], num_samples: int = 1,
     return configs
 
 
-# -- schedulers that stop bad trials ------------------------------------------------------------
-
-
-class TrialScheduler:
-    """Decides from each report of a trial whether it goes on. Thread-safe: trials run in
-    parallel threads of the sweep."""
-
-    metric: str | None = None
-    mode: str | None = None
-
-    def bind(self, metric: str, mode: str) -> None:
-        self.metric = self.metric or metric
-        self.mode = self.mode or mode
-        self._lock = threading.Lock()
-
-    def _score(self, result: dict[str, Any]) -> float | None:
-        value = result.get(self.metric)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return None
-        return float(value) if self.mode == "max" else -float(value)  # higher is better
-
-    def should_stop(self, trial: str, result: dict[str, Any]) -> str | None:
-        """The reason to stop ``trial`` after this report, or None."""
-        raise NotImplementedError
-
-
-class ASHAScheduler(TrialScheduler):
-    """Asynchronous successive halving (Ray Tune's ASHA, one bracket): at each rung (``time_attr``
-    = grace_period x reduction_factor^k), a trial goes on only if it is in the best
-    1/reduction_factor of the trials that reached that rung before it."""
-
-    def __init__(self, time_attr: str = "_training_iteration", grace_period: int = 1,
-                 reduction_factor: float = 3, max_t: int = 100, metric: str | None = None,
-                 mode: str | None = None):
-        if grace_period < 1 or reduction_factor <= 1 or max_t < grace_period:
-            raise ConfigurationError(
-                "ASHAScheduler needs grace_period >= 1, reduction_factor > 1 and max_t >= "
-                "grace_period")
-        self.time_attr, self.rf, self.max_t = time_attr, reduction_factor, max_t
-        self.metric, self.mode = metric, mode
-        milestones, t = [], grace_period
-        while t < max_t:
-            milestones.append(t)
-            t *= reduction_factor
-        self.rungs: dict[float, dict[str, float]] = {m: {} for m in reversed(milestones)}
-
-    def should_stop(self, trial: str, result: dict[str, Any]) -> str | None:
-        score, t = self._score(result), result.get(self.time_attr)
-        if score is None or not isinstance(t, (int, float)):
-            return None
-        with self._lock:
-            for milestone, recorded in self.rungs.items():  # the highest rung reached first
-                if t < milestone or trial in recorded:
-                    continue
-                others = list(recorded.values())
-                recorded[trial] = score
-                if others:
-                    cutoff = _percentile(others, 1 - 1 / self.rf)
-                    if score < cutoff:
-                        return (f"ASHA: {self.metric} at {self.time_attr}={t:g} is not in the "
-                                f"best 1/{self.rf:g} of the {len(others)} trial(s) there")
-                break
-        if t >= self.max_t:
-            return f"ASHA: reached max_t={self.max_t}"
-        return None
-
-
-class MedianStoppingRule(TrialScheduler):
-    """Stops a trial whose best result so far is worse than the median of the other trials'
-    running means at the same ``time_attr`` (Ray Tune's median stopping rule)."""
-
-    def __init__(self, time_attr: str = "_training_iteration", grace_period: float = 1,
-                 min_samples_required: int = 2, metric: str | None = None,
-                 mode: str | None = None):
-        self.time_attr, self.grace_period = time_attr, grace_period
-        self.min_samples_required = min_samples_required
-        self.metric, self.mode = metric, mode
-        self.history: dict[str, list[tuple[float, float]]] = {}
-
-    def should_stop(self, trial: str, result: dict[str, Any]) -> str | None:
-        score, t = self._score(result), result.get(self.time_attr)
-        if score is None or not isinstance(t, (int, float)):
-            return None
-        with self._lock:
-            self.history.setdefault(trial, []).append((t, score))
-            if t < self.grace_period:
-                return None
-            means = [statistics.fmean(s for u, s in points if u <= t)
-                     for other, points in self.history.items()
-                     if other != trial and any(u <= t for u, _ in points)
-                     and max(u for u, _ in points) >= t]
-            if len(means) < self.min_samples_required:
-                return None
-            median = statistics.median(means)
-            best = max(s for _, s in self.history[trial])
-            if best < median:
-                return (f"median stopping: best {self.metric} so far is worse than the median "
-                        f"of {len(means)} other trial(s) at {self.time_attr}={t:g}")
-        return None
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-class _TrialSupervisor(TrainingCallback):
-    """Feeds a trial's reports (rank 0) to the scheduler; stops the trial at the report the
-    scheduler judged."""
-
-    exact_stop = True
-
-    def __init__(self, scheduler: TrialScheduler, trial: str):
-        self.scheduler, self.trial = scheduler, trial
-
-    def handle_result(self, results: list[dict[str, Any]], **info: Any) -> None:
-        if results and not self.stop_training and not info.get("partial"):
-            self.stop_training = self.scheduler.should_stop(self.trial, results[0])
-
-
 # -- the sweep ------------------------------------------------------------------------------------
 
 
@@ -263,7 +142,7 @@ def tune(train_loop: Callable, *, search_space: dict[str, Any], metric: str, mod
     """
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from .worker_group import ray_connection
+    from ..execution.cluster import groups_the_cluster_holds, ray_connection
 
     if mode not in ("min", "max") or scope not in ("last", "all"):
         raise ConfigurationError(f"mode {mode!r} / scope {scope!r}: use mode 'min' or 'max', "
@@ -278,21 +157,13 @@ def tune(train_loop: Callable, *, search_space: dict[str, Any], metric: str, mod
         ray_address, ray_init_kwargs = ray_cluster.ray_init_arguments()
     with ray_connection(ray_address, ray_init_kwargs):  # one Ray for every trial of the sweep
         concurrency = min(max_concurrent_trials or len(configs), len(configs),
-                          max(1, _trials_the_cluster_holds(scaling)))
+                          max(1, groups_the_cluster_holds(scaling)))
         sweep = _sweep_flow().with_options(
             name=f"tune-{getattr(train_loop, '__name__', 'train')}",
             flow_run_name=f"sweep-{run.name}",
             task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
         return sweep(train_loop, configs, metric, mode, scope, scheduler, backend, scaling, run,
                      checkpoint, failure, callbacks or [])
-
-
-def _trials_the_cluster_holds(scaling: ScalingConfig) -> int:
-    import ray
-
-    total = ray.cluster_resources()
-    group = {k: v * scaling.least_workers for k, v in scaling.worker_resources.items()}
-    return min(math.floor(total.get(k, 0.0) / v + 1e-9) for k, v in group.items())
 
 
 def _sweep_name(train_loop: Callable, search_space: dict, num_samples: int) -> str:
@@ -302,9 +173,7 @@ def _sweep_name(train_loop: Callable, search_space: dict, num_samples: int) -> s
     flow_run = context.flow_run.id.hex[:8] if context and context.flow_run else "standalone"
     digest = hashlib.sha1(repr((getattr(train_loop, "__qualname__", ""), search_space,
                                 num_samples)).encode()).hexdigest()[:6]
-    name = "".join(c if c.isalnum() or c in "._-" else "_"
-                   for c in getattr(train_loop, "__name__", "train")).strip("_") or "train"
-    return f"{name}-sweep-{flow_run}-{digest}"
+    return f"{run_name_part(train_loop)}-sweep-{flow_run}-{digest}"
 
 
 def _sweep(train_loop: Callable, configs: list[dict], metric: str, mode: str, scope: str,
@@ -314,7 +183,7 @@ def _sweep(train_loop: Callable, configs: list[dict], metric: str, mode: str, sc
     from prefect.futures import as_completed
     from prefect.logging import get_run_logger
 
-    from .tasks import train
+    from ..prefect.tasks import train
 
     logger = get_run_logger()
     url, options = run.resolved_storage()
@@ -335,7 +204,7 @@ def _sweep(train_loop: Callable, configs: list[dict], metric: str, mode: str, sc
             continue
         trial_callbacks = list(callbacks)
         if scheduler is not None:
-            trial_callbacks.append(_TrialSupervisor(scheduler, trial))
+            trial_callbacks.append(TrialSupervisor(scheduler, trial))
         futures[train.with_options(task_run_name=f"{trial}", retries=0).submit(
             train_loop, backend=backend, config=trial_config, scaling=scaling,
             run=dataclasses.replace(run, name=trial, storage=storage.run_url,
@@ -398,7 +267,7 @@ def _rank_key(record: dict[str, Any], scope: str, mode: str) -> tuple[int, float
 def _publish_trials(sweep: str, ordered: list[dict[str, Any]], metric: str, scope: str) -> None:
     from prefect.artifacts import create_table_artifact
 
-    from .artifacts import artifact_key, checkpoint_link
+    from ..prefect.artifacts import artifact_key, checkpoint_link
 
     rows = [{"trial": r["trial"], "config": json.dumps(r["config"], default=str),
              f"final {metric}": r["final"], f"best {metric}": r["best"], "status": r["status"],

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from .exceptions import DistrainError
+from ..exceptions import DistrainError
 from .fs import redact_url
 
 logger = logging.getLogger("prefect_distrain")
@@ -56,7 +56,8 @@ def _rebuild(cls, args, state):
 def holder_identity(**prefect: Any) -> dict[str, Any]:
     """Who writes: host, pid and the process's start time (a reused pid is told apart), plus
     Prefect's flow and task run ids where there are some."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": _process_start(os.getpid()),
             **{k: str(v) for k, v in prefect.items() if v is not None}}
 
 
@@ -144,10 +145,10 @@ class RunLease:
                         f"expires {self.timeout_s:g} s after its last heartbeat, "
                         "PREFECT_DISTRAIN_LEASE_TIMEOUT_S)", holder=current)
                 if not current.get("released"):
-                    logger.warning("Taking over run %r from %s: %s", self.storage.name,
+                    logger.warning("Taking over run %r from %s: %s", self.storage.run_name,
                                    describe(current, now), reason)
             generation = current_gen + 1
-            record = {**self.identity, "generation": generation, "run": self.storage.name,
+            record = {**self.identity, "generation": generation, "run": self.storage.run_name,
                       "acquired_at": now, "heartbeat_at": now, "released": False}
             if self.storage.create_json(record, LEASE, _name(generation)):
                 self.generation, self._record = generation, record
@@ -171,7 +172,7 @@ class RunLease:
                                      "heartbeat_at": time.time()}, LEASE, _name(self.generation))
         except Exception as error:  # noqa: BLE001 - it expires by itself
             logger.warning("Could not release the lease of run %r (%s); it expires after %g s",
-                           self.storage.name, error, self.timeout_s)
+                           self.storage.run_name, error, self.timeout_s)
 
     # -- while training --------------------------------------------------------------------
 
@@ -185,7 +186,7 @@ class RunLease:
             if newer > self.generation:
                 self.lost = f"writer {describe(record or {}, time.time())} took it over"
         if self.lost is not None:
-            raise LeaseLostError(f"run {self.storage.name!r} was taken over while this writer "
+            raise LeaseLostError(f"run {self.storage.run_name!r} was taken over while this writer "
                                  f"trained ({self.lost}): it commits and deletes nothing more")
 
     def raise_if_lost(self) -> None:
@@ -202,7 +203,7 @@ class RunLease:
             except LeaseLostError:
                 return
             except Exception as error:  # noqa: BLE001 - storage hiccup: try at the next beat
-                logger.warning("Lease heartbeat of run %r failed: %s", self.storage.name, error)
+                logger.warning("Lease heartbeat of run %r failed: %s", self.storage.run_name, error)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -18,18 +18,18 @@ written once, by an exclusive create, so no writer ever replaces another's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 
+from ..exceptions import CheckpointUploadError, DistrainError, StorageError
 from . import fs as fsutil
 from .checkpoint import Checkpoint
-from .exceptions import CheckpointUploadError, ConfigurationError
 from .manifest import FileEntry, Manifest, ManifestError, checkpoint_dirname, parse_dirname
 
 MANIFESTS = "_manifests"
@@ -47,7 +47,7 @@ class RunStorage:
     means the driver's working directory, on every worker too."""
 
     storage: str
-    name: str
+    run_name: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,7 +55,7 @@ class RunStorage:
 
     @property
     def run_url(self) -> str:
-        return self.storage.rstrip("/") + "/" + self.name
+        return self.storage.rstrip("/") + "/" + self.run_name
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsutil.filesystem(self.run_url, self.storage_options)
@@ -73,49 +73,6 @@ class RunStorage:
         root = self.storage.rstrip("/") + "/"
         return fsutil.absolute_url(path).rstrip("/").startswith(root)
 
-    # -- before the run ---------------------------------------------------------------------------
-
-    def check_writable(self) -> str:
-        """Write a marker file into the run's folder; return its path for the workers to find.
-
-        Catches a missing bucket, missing credentials or a read-only location before any
-        worker starts, with a message that names the fix.
-        """
-        fs, root = self.filesystem()
-        marker = f"{root.rstrip('/')}/.visible-{uuid.uuid4().hex}"
-        shown = fsutil.redact_url(self.run_url)
-        try:
-            if fsutil.is_local(fs):
-                fs.makedirs(root, exist_ok=True)
-            fs.pipe_file(marker, b"prefect-distrain storage check\n")
-        except FileNotFoundError as error:
-            raise ConfigurationError(
-                f"storage {shown!r} does not exist: create the bucket (or parent folder) first, "
-                f"or fix the URL ({type(error).__name__})") from None
-        except (NotADirectoryError, FileExistsError) as error:
-            raise ConfigurationError(
-                f"storage {shown!r} is under a file, not a folder: give a folder's path or "
-                f"URL ({type(error).__name__}: {error})") from None
-        except PermissionError as error:
-            raise ConfigurationError(
-                f"storage {shown!r} refused the write: check the credentials in storage_options "
-                f"(or the storage block) and their permissions ({fsutil.brief(error)})") from None
-        except Exception as error:  # noqa: BLE001 - botocore's NoCredentialsError and kin
-            if "credential" in str(error).lower():
-                raise ConfigurationError(
-                    f"no credentials to write to storage {shown!r}: pass them in "
-                    "RunConfig(storage_options={'key': ..., 'secret': ...}) or a storage block, "
-                    "or set them in the environment of the driver and the workers") from None
-            raise
-        return marker
-
-    def remove_marker(self, marker: str) -> None:
-        fs, _ = self.filesystem()
-        try:
-            fs.rm_file(marker)
-        except FileNotFoundError:
-            pass
-
     # -- records ----------------------------------------------------------------------------------
 
     def write_json(self, record: dict, *parts: str) -> None:
@@ -124,7 +81,8 @@ class RunStorage:
 
     def create_json(self, record: dict, *parts: str) -> bool:
         """A new JSON record at ``<run>/<parts...>``; False if one is there already."""
-        return fsutil.create_exclusive(self.filesystem()[0], self.path(*parts), fsutil.dumps_json(record))
+        return fsutil.create_exclusive(self.filesystem()[0], self.path(*parts),
+                                       fsutil.dumps_json(record))
 
     def read_json(self, *parts: str) -> dict | None:
         """The JSON record at ``<run>/<parts...>``; None if there is none or it is unreadable
@@ -237,3 +195,17 @@ class RunStorage:
         if parse_dirname(directory) is None:
             raise ValueError(f"not a checkpoint folder: {directory!r}")
         fsutil.remove_tree(self.filesystem()[0], self.path(directory))
+
+
+@contextlib.contextmanager
+def driver_io(what: str, storage: RunStorage) -> Iterator[None]:
+    """A storage operation of the driver: its failure (disk full, no permission, a network
+    error) is a StorageError (infrastructure: restarted, retried) with the original error as
+    its cause. Errors that mean something else pass unchanged."""
+    try:
+        yield
+    except (DistrainError, FileExistsError):
+        raise
+    except Exception as error:
+        raise StorageError(f"{what} in {fsutil.redact_url(storage.run_url)} failed: "
+                           f"{fsutil.brief(error)}") from error

@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .exceptions import ConfigurationError
+from ..checkpoints import fs as fsutil
+from ..exceptions import ConfigurationError
 
 #: File formats a dataset URL may hold, by file extension.
 FORMATS = {".parquet": "parquet", ".csv": "csv"}
@@ -69,10 +70,8 @@ def read_dataset(url: str, storage_options: Mapping[str, Any] | None = None,
 
     ``format``: "parquet" or "csv"; by default taken from the files' extension.
     """
-    from fsspec.core import url_to_fs
-
     data = import_ray_data()
-    fs, path = url_to_fs(url, **dict(storage_options or {}))
+    fs, path = fsutil.filesystem(url, dict(storage_options or {}))
     if not fs.exists(path):
         raise ConfigurationError(
             f"dataset {url!r} does not exist: pass the URL the upstream task wrote to (a "

@@ -1,10 +1,9 @@
 """The checkpoint lifecycle of a run, in one place: what is committed, kept, latest, best and
-resumed from; which attempt a writer gets; which folders are torn and may go.
+resumed from; which folders are torn and may go.
 
 ```python
 manager = CheckpointManager(storage, checkpoint_config, logger)
-manager.open(identity)                     # the run's lease, its committed manifests
-attempt = manager.claim_attempt(record)    # an attempt number no other writer has
+manager.open(identity, timeout_s=60)       # the run's lease, its committed manifests
 resume = manager.resume_point("latest")    # a verified Checkpoint, or None
 manager.commit(index, attempt, files_by_rank, metrics, world_size=2, backend="torch")
 manager.close()
@@ -28,19 +27,19 @@ Rules, each kept here only:
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import time
 from typing import Any, Iterable, TypeVar
 
+from ..config import CheckpointConfig
+from ..exceptions import ConfigurationError
 from .checkpoint import Checkpoint
-from .config import CheckpointConfig
-from .exceptions import ConfigurationError, StorageError
-from .fs import brief, redact_url
-from .lease import LEASE, LeaseLostError, RunLease, takeover_reason
+from .fs import redact_url
+from .lease import LEASE, RunLease, takeover_reason
+from .ledger import read_attempts
 from .manifest import FileEntry, Manifest, ManifestError, parse_dirname
-from .storage import ATTEMPTS, MANIFESTS, RunStorage
+from .storage import MANIFESTS, RunStorage, driver_io
 
 T = TypeVar("T")
 
@@ -132,8 +131,8 @@ class CheckpointManager:
     def refresh(self) -> list[Manifest]:
         """Read the run's committed manifests again (after a restart: what the attempt
         before committed), saying which files in ``_manifests`` are not valid ones."""
-        manifests, problems = self._storage_call("reading the manifests",
-                                                 self.storage.read_manifests)
+        with driver_io("reading the manifests", self.storage):
+            manifests, problems = self.storage.read_manifests()
         for problem in problems:
             self.logger.warning("Skipping %s; it is left as it is", problem)
         self.committed = manifests
@@ -145,33 +144,9 @@ class CheckpointManager:
         if self.lease is not None:
             self.lease.check() if look else self.lease.raise_if_lost()
 
-    # -- attempts --------------------------------------------------------------------------
-
     def attempts(self) -> list[dict[str, Any]]:
-        """The attempt ledger, by attempt number; unreadable records are reported, skipped."""
+        """The run's attempt ledger (ledger.py), by attempt number."""
         return read_attempts(self.storage)
-
-    def claim_attempt(self, record: dict[str, Any], at_least: int = 0) -> dict[str, Any]:
-        """The next attempt number, claimed by creating its record exclusively: two writers
-        never get the same one. Returns ``record`` as written, with ``attempt`` and ``lease``."""
-        used = [a["attempt"] for a in self.attempts()]
-        used += [attempt for _, _, attempt in self.storage.checkpoint_folders()]
-        used += [m.attempt for m in self.committed]
-        attempt = max([at_least - 1, *used], default=-1) + 1
-        for _ in range(100):
-            claimed = {**record, "attempt": attempt,
-                       "lease": self.lease.generation if self.lease else None}
-            if self._storage_call("claiming an attempt", self.storage.create_json, claimed,
-                                  ATTEMPTS, _attempt_name(attempt)):
-                return claimed
-            attempt += 1
-        raise StorageError(f"could not claim an attempt of run {self.storage.name!r}: 100 "
-                           "numbers in a row were taken")
-
-    def record_attempt(self, record: dict[str, Any]) -> None:
-        """Rewrite this writer's own attempt record (status, cause, ...)."""
-        self._storage_call("writing the attempt ledger", self.storage.write_json, record,
-                           ATTEMPTS, _attempt_name(record["attempt"]))
 
     # -- reading checkpoints ---------------------------------------------------------------
 
@@ -191,8 +166,9 @@ class CheckpointManager:
         """What ``resume_from_checkpoint`` names: None, "latest", a path/URL or a Checkpoint;
         verified or refused. A checkpoint of this run is protected from retention."""
         resume = self._resolve(value)
-        if resume is not None and resume.manifest is not None \
-                and resume.path.rstrip("/") == f"{self.storage.run_url}/{resume.manifest.directory}":
+        ours = f"{self.storage.run_url}/{resume.manifest.directory}" \
+            if resume is not None and resume.manifest is not None else None
+        if ours is not None and resume.path.rstrip("/") == ours:
             self.protected = {resume.manifest.directory}
         return resume
 
@@ -203,10 +179,10 @@ class CheckpointManager:
             found = self.latest()
             if found is None:
                 self.logger.info("Run %r has no committed checkpoint yet: starting fresh",
-                                 self.storage.name)
+                                 self.storage.run_name)
             else:
                 self.logger.info("Resuming run %r from its latest checkpoint, %d",
-                                 self.storage.name, found.index)
+                                 self.storage.run_name, found.index)
             return found
         if isinstance(value, str):
             if not value.strip():
@@ -267,8 +243,8 @@ class CheckpointManager:
         manifest = Manifest.new(index, attempt, files, metrics=metrics, world_size=world_size,
                                 backend=backend,
                                 lease=self.lease.generation if self.lease else None)
-        self._storage_call(f"committing checkpoint {index}", self.storage.write_manifest,
-                           manifest)
+        with driver_io(f"committing checkpoint {index}", self.storage):
+            self.storage.write_manifest(manifest)
         self.committed.append(manifest)
         if attempt not in self._swept:
             self._swept.add(attempt)
@@ -284,8 +260,8 @@ class CheckpointManager:
         if gone:
             self.check_lease()
         for manifest in gone:
-            self._storage_call(f"deleting checkpoint {manifest.index}",
-                               self.storage.delete_checkpoint, manifest)
+            with driver_io(f"deleting checkpoint {manifest.index}", self.storage):
+                self.storage.delete_checkpoint(manifest)
         self.committed = keep
 
     def remove_torn(self, current_attempt: int) -> list[str]:
@@ -297,7 +273,8 @@ class CheckpointManager:
         removed = []
         for name, _, attempt in self.storage.checkpoint_folders():
             if f"{name}.json" not in manifests and attempt in dead:
-                self._storage_call("removing a torn folder", self.storage.remove_folder, name)
+                with driver_io("removing a torn folder", self.storage):
+                    self.storage.remove_folder(name)
                 removed.append(name)
         if removed:
             self.logger.info("Removed torn checkpoint folders of earlier attempts: %s",
@@ -322,36 +299,6 @@ class CheckpointManager:
                 if holder is None or takeover_reason(holder, {}, now, timeout) is not None:
                     dead.add(attempt)
         return dead
-
-    def _storage_call(self, what: str, call: Any, *args: Any) -> Any:
-        """A storage operation of the driver; its failure (disk full, no permission, a network
-        error) is a StorageError (infrastructure) with the original error as its cause."""
-        try:
-            return call(*args)
-        except (ConfigurationError, ManifestError, LeaseLostError, StorageError):
-            raise
-        except Exception as error:
-            raise StorageError(f"{what} in {redact_url(self.storage.run_url)} failed: "
-                               f"{brief(error)}") from error
-
-
-def read_attempts(storage: RunStorage) -> list[dict[str, Any]]:
-    """The attempt ledger of a run, by attempt number; unreadable records are skipped."""
-    records = []
-    for name in storage.names(ATTEMPTS):
-        if name.startswith("attempt_") and name.endswith(".json"):
-            record = storage.read_json(ATTEMPTS, name)
-            if record is not None and isinstance(record.get("attempt"), int):
-                records.append(record)
-    return sorted(records, key=lambda a: a["attempt"])
-
-
-def _attempt_name(attempt: int) -> str:
-    return f"attempt_{attempt:05d}.json"
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 # -- other runs' checkpoints ------------------------------------------------------------------

@@ -21,12 +21,13 @@ from prefect.artifacts import (
 )
 from prefect.events import emit_event
 
-from .callbacks import TrainingCallback, progress_value
-from .checkpoint import Checkpoint
-from .checkpoint_manager import read_attempts
-from .result import TrainResult
-from .fs import redact_url
-from .storage import RunStorage
+from ..callbacks import TrainingCallback, progress_value
+from ..checkpoints.checkpoint import Checkpoint
+from ..checkpoints.fs import redact_url
+from ..checkpoints.ledger import read_attempts
+from ..checkpoints.storage import RunStorage
+from ..execution.failure_policy import is_retryable
+from ..result import RunReport, TrainResult
 
 
 def artifact_key(text: str) -> str:
@@ -90,8 +91,8 @@ def publish_attempt_ledger(storage: RunStorage) -> None:
              "resumed from": a["resumed_from"] or "-", "steps redone": a.get("steps_redone"),
              "started because": a.get("restarted_because") or "first start",
              "cause": a.get("cause") or "-", "started": a["started_at"]} for a in attempts]
-    create_table_artifact(table=rows, key=f"{artifact_key(storage.name)}-attempts",
-                          description=f"Attempts of run {storage.name!r}")
+    create_table_artifact(table=rows, key=f"{artifact_key(storage.run_name)}-attempts",
+                          description=f"Attempts of run {storage.run_name!r}")
 
 
 class PrefectProgress(TrainingCallback):
@@ -160,7 +161,8 @@ def metrics_svg(series: dict[str, list[float]], width: int = 640, height: int = 
         low, high = min(values), max(values)
         span = (high - low) or 1.0
         step = (width - 20) / max(1, len(values) - 1)
-        points = " ".join(f"{10 + i * step:.1f},{top + 25 + (height - 10) * (1 - (v - low) / span):.1f}"
+        points = " ".join(f"{10 + i * step:.1f},"
+                          f"{top + 25 + (height - 10) * (1 - (v - low) / span):.1f}"
                           for i, v in enumerate(values))
         rows.append(
             f'<text x="10" y="{top + 15}" font-family="sans-serif" font-size="13">{name}: '
@@ -180,7 +182,7 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
     attempts = read_attempts(storage)
     status = "completed" if error is None else "failed"
     world = result.world_size if result else (attempts[-1]["world_size"] if attempts else "?")
-    lines = [f"# Training run `{storage.name}`: {status}", "",
+    lines = [f"# Training run `{storage.run_name}`: {status}", "",
              "| backend | world size | attempts | wall time |", "|---|---|---|---|",
              f"| {backend} | {world} | {len(attempts)} | {wall_time_s:.1f} s |", ""]
     series = numeric_series(history)
@@ -217,6 +219,28 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
         for rank, tail in sorted((tails or {}).items()):
             lines += [f"### Last log lines of rank {rank}", "", "```", *list(tail), "```", ""]
     markdown = "\n".join(lines)
-    create_markdown_artifact(markdown=markdown, key=f"{artifact_key(storage.name)}-summary",
-                             description=f"Summary of training run {storage.name!r}")
+    create_markdown_artifact(markdown=markdown, key=f"{artifact_key(storage.run_name)}-summary",
+                             description=f"Summary of training run {storage.run_name!r}")
     return markdown
+
+
+def publish_run(report: RunReport, logger: Any) -> None:
+    """The end of a run in Prefect: the attempt ledger, the summary and the closing event.
+    Never masks the run's own error (a failure here is logged)."""
+    try:
+        publish_attempt_ledger(report.storage)
+        publish_run_summary(storage=report.storage, backend=report.backend,
+                            history=report.history, wall_time_s=report.wall_time_s,
+                            result=report.result, error=report.error, tails=report.tails)
+        final = _shown_metrics(report.history[-1] if report.history else {})
+        if report.error is None:
+            result = report.result
+            emit_run_event("run.completed", report.storage.run_name, {
+                "metrics": final, "world_size": result.world_size, "attempt": result.attempt,
+                "checkpoint": result.checkpoint.index if result.checkpoint else None})
+        else:
+            emit_run_event("run.failed", report.storage.run_name, {
+                "metrics": final, "error": f"{type(report.error).__name__}: {report.error}"[:1000],
+                "retryable": is_retryable(report.error)})
+    except Exception:
+        logger.exception("Could not publish the run's summary to Prefect")

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .exceptions import DistrainError
+from ..exceptions import DistrainError
 from .fs import dumps_json
 
 SCHEMA_VERSION = 2

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import fsspec
 
-from .exceptions import CheckpointCorruptError, ConfigurationError
+from ..exceptions import CheckpointCorruptError, ConfigurationError
 from .fs import file_digest, filesystem, is_local, redact_url
 
 if TYPE_CHECKING:

@@ -14,6 +14,9 @@ tracker that failed stays off until the next attempt: every call to a dead track
 would otherwise block the driver for the client's retries (minutes for MLflow).
 ``start_training``/``finish_training`` are called once per attempt, so a restarted run goes on
 in the same tracker run.
+
+One module for the three (over 350 lines): they share the flattening, redaction and
+stay-off-after-failure helpers, and each is a short class around its client.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .callbacks import TrainingCallback
-from .checkpoint import Checkpoint
-from .fs import redact_url
+from ..callbacks import TrainingCallback
+from ..checkpoints.checkpoint import Checkpoint
+from ..checkpoints.fs import filesystem, redact_url
 
 __all__ = ["MLflowLogger", "TensorBoardLogger", "WandbLogger", "flatten", "scalars"]
 
@@ -121,7 +124,7 @@ def _run_filesystem(logdir: str, info: Mapping) -> tuple[fsspec.AbstractFileSyst
     storage = info.get("storage")
     if storage is not None:
         return storage.filesystem()
-    return fsspec.core.url_to_fs(logdir)
+    return filesystem(logdir, {})
 
 
 def _stays_off_after_failure(hook: Callable) -> Callable:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .exceptions import ConfigurationError
+from ..exceptions import ConfigurationError
 
 logger = logging.getLogger("prefect_distrain")
 

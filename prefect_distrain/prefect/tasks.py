@@ -33,22 +33,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from .artifacts import (
-    PrefectArtifacts,
-    PrefectProgress,
-    emit_run_event,
-    publish_attempt_ledger,
-    publish_checkpoint_table,
-    publish_run_summary,
-)
-from .backends import BackendConfig
-from .callbacks import TrainingCallback
-from .checkpoint import Checkpoint
-from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from .controller import is_infrastructure_failure
-from .data import DataConfig
-from .result import TrainResult
-from .trainer import Trainer
+from ..backends import BackendConfig
+from ..callbacks import TrainingCallback
+from ..checkpoints.checkpoint import Checkpoint
+from ..config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, run_name_part
+from ..execution.failure_policy import is_retryable
+from ..execution.trainer import Trainer
+from ..integrations.data import DataConfig
+from ..result import TrainResult
+from .artifacts import PrefectArtifacts, PrefectProgress, publish_checkpoint_table, publish_run
 
 
 def _task_run_name() -> str:
@@ -66,7 +59,7 @@ def retry_on_infrastructure(task: Any, task_run: Any, state: Any) -> bool:
         error = state.result(raise_on_failure=False)
     except BaseException as failure:  # noqa: BLE001 - some states raise instead of returning
         error = failure
-    return isinstance(error, BaseException) and is_infrastructure_failure(error)
+    return isinstance(error, BaseException) and is_retryable(error)
 
 
 _names_lock = threading.Lock()
@@ -95,9 +88,7 @@ def _stable_run_name(train_loop: Callable, identity: tuple) -> str | None:
         key = (task_run.flow_run_id, flow_run.run_count, digest)
         duplicate = _calls_by_identity.get(key, 0)
         _calls_by_identity[key] = duplicate + 1
-        function = "".join(c if c.isalnum() or c in "._-" else "_"
-                           for c in getattr(train_loop, "__name__", "train")).strip("_")
-        name = f"{function or 'train'}-{task_run.flow_run_id.hex[:8]}-{digest}"
+        name = f"{run_name_part(train_loop)}-{task_run.flow_run_id.hex[:8]}-{digest}"
         name += f"-{duplicate}" if duplicate else ""
         _names_by_task_run[task_run.id] = name
         return name
@@ -107,29 +98,6 @@ def _is_prefect_retry() -> bool:
     from prefect.runtime import flow_run, task_run
 
     return (task_run.run_count or 1) > 1 or (flow_run.run_count or 1) > 1
-
-
-def _publish(trainer: Trainer, result: TrainResult | None, error: BaseException | None,
-             wall_time_s: float, logger: Any) -> None:
-    """The ledger, the summary and the run's closing event; never masks the run's own error."""
-    storage = trainer.storage
-    try:
-        publish_attempt_ledger(storage)
-        publish_run_summary(storage=storage, backend=trainer.backend_config.name,
-                            history=trainer.history, wall_time_s=wall_time_s, result=result,
-                            error=error, tails=dict(trainer.worker_logs.tails))
-        final = {k: v for k, v in (trainer.history[-1] if trainer.history else {}).items()
-                 if not k.startswith("_")}
-        if error is None:
-            emit_run_event("run.completed", storage.name, {
-                "metrics": final, "world_size": result.world_size, "attempt": result.attempt,
-                "checkpoint": result.checkpoint.index if result.checkpoint else None})
-        else:
-            emit_run_event("run.failed", storage.name, {
-                "metrics": final, "error": f"{type(error).__name__}: {error}"[:1000],
-                "retryable": is_infrastructure_failure(error)})
-    except Exception:
-        logger.exception("Could not publish the run's summary to Prefect")
 
 
 # No cache: a training run has effects (checkpoints, metrics) and its inputs (a function,
@@ -202,7 +170,7 @@ def train(
         raise
     finally:
         if trainer.storage is not None:
-            _publish(trainer, result, error, time.monotonic() - began, logger)
+            publish_run(trainer.run_report(result, error, time.monotonic() - began), logger)
     publish_checkpoint_table(result)
     if result.stopped_early:
         logger.info("The run stopped early (%s); it is complete, not failed", result.stopped_early)

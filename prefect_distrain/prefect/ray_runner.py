@@ -47,11 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import threading
-import types
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Any
 from urllib.parse import urlparse
 
@@ -64,8 +60,9 @@ except ImportError as error:
     raise ImportError("pd.ray_task_runner needs prefect-ray: pip install "
                       f"'prefect-distrain[ray-runner]' ({error})") from error
 
-from .blocks import RayCluster
-from .exceptions import ConfigurationError
+from ..blocks import RayCluster
+from ..exceptions import ConfigurationError
+from ..execution.pickling import by_value, user_modules
 
 logger = logging.getLogger("prefect_distrain")
 
@@ -103,49 +100,6 @@ def _send_logs_and_events(timeout: float = 5.0) -> None:
         except Exception:  # never fail a finished task over its logs
             logger.debug("Could not send the remaining %s items", service.__name__,
                          exc_info=True)
-
-
-_pickle_lock = threading.Lock()
-
-
-def _own_modules(task: Any, parameters: dict[str, Any]) -> list[types.ModuleType]:
-    """The user's modules that the task and the functions among its parameters come from
-    (a flow file loaded by a deployment, a test module), which Ray workers may not import;
-    installed packages and ``__main__`` (pickled by value anyway) are left out."""
-    from .controller import _INSTALLED
-
-    found = []
-    for obj in (getattr(task, "fn", None), *parameters.values()):
-        if not callable(obj):
-            continue
-        module = sys.modules.get(getattr(obj, "__module__", None) or "")
-        file = getattr(module, "__file__", None)
-        if (module is None or not file or module.__name__ == "__main__" or module in found
-                or os.path.realpath(file).startswith(_INSTALLED)
-                or module.__name__.split(".")[0] in ("prefect_distrain", "prefect", "ray")):
-            continue
-        found.append(module)
-    return found
-
-
-@contextmanager
-def _by_value(modules: list[types.ModuleType]) -> Iterator[None]:
-    """Ray pickles the task and its arguments by value from these modules while submitting,
-    as ``pd.train`` does for its training function."""
-    if not modules:
-        yield
-        return
-    with _pickle_lock:
-        already = getattr(ray.cloudpickle.cloudpickle, "_is_registered_pickle_by_value",
-                          lambda module: False)
-        registered = [m for m in modules if not already(m)]
-        for module in registered:
-            ray.cloudpickle.register_pickle_by_value(module)
-        try:
-            yield
-        finally:
-            for module in registered:
-                ray.cloudpickle.unregister_pickle_by_value(module)
 
 
 def _is_train(task: Any) -> bool:
@@ -214,7 +168,8 @@ class DistrainRayTaskRunner(RayTaskRunner):
                     stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
             if extra:
                 stack.enter_context(remote_options(**extra))
-            stack.enter_context(_by_value(_own_modules(task, parameters)))
+            stack.enter_context(by_value(user_modules(
+                [getattr(task, "fn", None), *parameters.values()])))
             return super().submit(task, parameters, wait_for, dependencies)
 
     @staticmethod

@@ -1,0 +1,145 @@
+"""The Ray cluster: the connection ``train`` uses, and what the cluster can hold.
+
+```python
+with ray_connection(address=None):          # the connected Ray, RAY_ADDRESS, or a new local one
+    check_cluster_can_hold(scaling)          # fails in seconds when it never could
+    capacity_now(scaling)                    # workers its free resources hold right now
+```
+One formula for "how many workers of this size fit" (``fits``) serves the capacity check, the
+elastic group's look at the cluster and the sweeps' concurrency.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import ray
+
+from .. import settings
+from ..config import ScalingConfig
+from ..exceptions import ResourcesUnavailableError
+
+logger = logging.getLogger("prefect_distrain")
+
+
+def fits(bundle: dict[str, float], resources: dict[str, float]) -> int:
+    """How many ``bundle``s the ``resources`` hold."""
+    return min(math.floor(resources.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
+
+
+def groups_the_cluster_holds(scaling: ScalingConfig) -> int:
+    """How many groups of the smallest allowed size the cluster's total resources hold."""
+    group = {k: v * scaling.least_workers for k, v in scaling.worker_resources.items()}
+    return fits(group, ray.cluster_resources())
+
+
+_ray_lock = threading.Lock()
+_ray_users = 0
+_ray_started_here = False
+
+
+@contextmanager
+def ray_connection(address: str | None = None, init_kwargs: dict | None = None) -> Iterator[None]:
+    """Use the Ray this process is connected to; else connect to ``address`` / ``RAY_ADDRESS``;
+    else start a local Ray. Only a connection made here is closed here, when its last user
+    (e.g. the last of several mapped ``train`` tasks) leaves."""
+    global _ray_users, _ray_started_here
+    with _ray_lock:
+        if ray.is_initialized() and address not in (None, "auto") \
+                and address != ray.get_runtime_context().gcs_address:
+            logger.warning(
+                "ray_address=%r is not used: this process is already connected to the Ray "
+                "cluster at %s (e.g. through its task runner); call ray.shutdown() first to "
+                "train elsewhere", address, ray.get_runtime_context().gcs_address)
+        if not ray.is_initialized():
+            address = address or os.environ.get("RAY_ADDRESS") or None
+            logger.info("Starting a local Ray" if address is None
+                        else f"Connecting to Ray at {address}")
+            # "local": a new Ray, not one that `ray start` left on this machine.
+            ray.init(address=address or "local", **(init_kwargs or {}))
+            _ray_started_here = True
+        _ray_users += 1
+    try:
+        yield
+    finally:
+        with _ray_lock:
+            _ray_users -= 1
+            if _ray_users == 0 and _ray_started_here:
+                ray.shutdown()
+                _ray_started_here = False
+
+
+def capacity_now(scaling: ScalingConfig) -> int:
+    """How many more workers the cluster's free resources hold right now."""
+    return fits(scaling.worker_resources, ray.available_resources())
+
+
+def check_cluster_can_hold(scaling: ScalingConfig) -> None:
+    """Fail in seconds, not after a timeout, when the cluster can never hold the group (its
+    smallest allowed size, for an elastic group)."""
+    bundle = scaling.worker_resources
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for key, value in node["Resources"].items():
+            if "_group_" not in key and not key.startswith("node:"):
+                totals[key] = totals.get(key, 0.0) + value
+    if scaling.use_gpu and totals.get("GPU", 0) == 0:
+        raise ResourcesUnavailableError(
+            "use_gpu=True but the Ray cluster has no GPUs "
+            f"(cluster: {describe(totals)}). Set use_gpu=False to train on CPUs, or connect "
+            "to a cluster with GPU nodes (ray_address=... or RAY_ADDRESS)",
+            requested=bundle, available=totals)
+    held_on, held = held_by_caller()
+    n = scaling.least_workers
+    strategy = scaling.placement_strategy
+
+    def holdable_with(held: dict[str, float]) -> int:
+        per_node = [fits(bundle, {k: v - held.get(k, 0.0) if node["NodeID"] == held_on
+                                  else v for k, v in node["Resources"].items()})
+                    for node in nodes]
+        if strategy == "STRICT_PACK":
+            return max(per_node, default=0)
+        if strategy == "STRICT_SPREAD":
+            return sum(1 for f in per_node if f >= 1)
+        return sum(per_node)
+
+    holdable = holdable_with(held)
+    if holdable < n and not settings.settings().allow_autoscaling:
+        at_least = "at least " if scaling.min_workers else ""
+        cluster = f"(cluster: {describe(totals)} on {len(nodes)} node(s))"
+        message = (f"ScalingConfig asks for {at_least}{n} workers of {describe(bundle)} each "
+                   f"({strategy}), but this Ray cluster can hold at most {holdable}")
+        if held and holdable_with({}) >= n:  # it would fit but for what the caller holds
+            message += (
+                f" beside the Ray task that runs this train, which holds {describe(held)} "
+                f"itself (e.g. a task of prefect-ray's RayTaskRunner) {cluster}. Submit train "
+                "with no CPUs of its own: `with prefect_ray.context.remote_options(num_cpus=0): "
+                "pd.train.submit(...)`, or run the flow on `pd.ray_task_runner(...)`, which "
+                "does so; or lower")
+        else:
+            message += f" {cluster}. Lower"
+        raise ResourcesUnavailableError(
+            f"{message} num_workers or resources_per_worker, or connect to a larger cluster "
+            f"(ray_address=...). On a cluster with an autoscaler set "
+            f"{settings.ALLOW_AUTOSCALING_ENV}=1 to wait instead",
+            requested={k: v * n for k, v in bundle.items()}, available=totals)
+
+
+def held_by_caller() -> tuple[str | None, dict[str, float]]:
+    """(node id, resources) that the Ray task or actor calling this holds, e.g. the task of
+    prefect-ray's RayTaskRunner that runs ``train``; (None, {}) in a driver."""
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None, {}
+    held = {k: v for k, v in context.get_assigned_resources().items() if v > 0}
+    return context.get_node_id(), held
+
+
+def describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "nothing"

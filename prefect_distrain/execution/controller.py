@@ -1,0 +1,148 @@
+"""One attempt of a run: start the function on every rank of a started group, follow it to
+the end, and say how it ended (``RunOutcome``).
+
+The pieces: ``poll`` reads the workers, ``iterations`` pairs reports and collects commits,
+``dispatch`` runs the callbacks, ``worker_errors`` turns failures into one exception and the
+facts the failure policy needs. What to do about an outcome is the trainer's question to the
+failure policy, not this module's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+from .. import settings
+from ..callbacks import TrainingCallback
+from ..checkpoints.checkpoint import Checkpoint
+from ..checkpoints.fs import redact_url
+from ..checkpoints.manager import CheckpointManager
+from ..checkpoints.storage import RunStorage
+from ..config import CheckpointConfig
+from ..logs import WorkerLogs
+from ..session.context import TrainContext
+from .dispatch import Callbacks
+from .failure_policy import Failure
+from .history import RunHistory
+from .iterations import Iterations, PendingCommits
+from .poll import poll_workers
+from .worker_errors import worker_failure
+from .worker_group import WorkerGroup
+
+
+@dataclass
+class RunSpec:
+    """Everything one attempt needs, resolved and validated by the Trainer."""
+
+    #: The function pickled once, before anything starts (``pickling.serialize_train_function``).
+    train_func_blob: bytes
+    takes_config: bool
+    config: Any
+    storage: RunStorage
+    backend_name: str
+    #: Commits, retention and the lease of the run (the only place that decides them).
+    checkpoints: CheckpointManager
+    checkpoint_config: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume_from: Checkpoint | None = None
+    callbacks: list[TrainingCallback] = field(default_factory=list)
+    attempt: int = 0
+    #: Every complete iteration of the run (kept by the trainer across restarts).
+    history: RunHistory = field(default_factory=RunHistory)
+    #: One ``{name: DataIterator}`` per rank, split for this group's size.
+    dataset_shards: list[dict[str, Any]] | None = None
+    #: Asked after each commit while an elastic group runs small: may it grow now?
+    should_resize: Callable[[], bool] | None = None
+    #: The backend's own test for errors of its runtime (e.g. a collective timeout).
+    is_backend_failure: Callable[[BaseException], bool] = lambda error: False
+    fatal_exceptions: tuple[type[BaseException], ...] = ()
+    logs: WorkerLogs | None = None
+
+    @property
+    def first_index(self) -> int:
+        """Report (and checkpoint) numbers go on after the checkpoint the run resumes from."""
+        resumed = self.resume_from.index if self.resume_from is not None else None
+        latest = max((m.index for m in self.checkpoints.committed), default=0)
+        return max(resumed or 0, latest) + 1
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How an attempt ended: the function returned on every rank (``returns``; ``stopped`` if a
+    callback ended it), it failed (``error`` and its ``failure`` facts), or an elastic group
+    is to grow back after checkpoint ``resize_after``."""
+
+    returns: list[Any] = field(default_factory=list)
+    stopped: str | None = None
+    error: BaseException | None = None
+    failure: Failure | None = None
+    resize_after: int | None = None
+
+
+def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> RunOutcome:
+    """Run the function on every worker of a started group until all return, one fails, or
+    the group is to grow. Unless all returned, the group is killed (a survivor may hang in a
+    collective). Errors of the driver itself (storage, the lease, a misuse it detected, a
+    fatal callback) are raised."""
+    fn_ref = ray.put(spec.train_func_blob)
+    session_args = [
+        {
+            "context": TrainContext(info=m.info, experiment_name=spec.storage.run_name,
+                                    storage_url=spec.storage.run_url, attempt=spec.attempt,
+                                    backend=spec.backend_name),
+            "storage": spec.storage,
+            "resume_from": spec.resume_from,
+            "iteration": spec.first_index - 1,
+            "upload": spec.checkpoint_config.upload,
+            "checkpoint_mode": spec.checkpoint_config.mode,
+            "datasets": spec.dataset_shards[m.info.world_rank] if spec.dataset_shards else {},
+            "await_verdicts": any(c.exact_stop for c in spec.callbacks),
+        }
+        for m in group.members
+    ]
+    iterations: Iterations
+    callbacks = Callbacks(spec.callbacks, logger,
+                          on_stop=lambda reason: group.request_stop(reason, iterations.highest),
+                          on_verdict=group.judge)
+    commits = PendingCommits(spec, group, callbacks, logger)
+    iterations = Iterations(len(group), spec, commits, callbacks, logger)
+    # The storage (with its options) for trackers that write into the run's folder.
+    callbacks.call("start_training", redact_url(spec.storage.run_url), spec.config,
+                   world_size=len(group), backend=spec.backend_name, run_name=spec.storage.run_name,
+                   attempt=spec.attempt, storage=spec.storage)
+    config = spec.config if spec.config is not None else {}
+    generators = group.run(fn_ref, spec.takes_config, config, session_args)
+    try:
+        status = poll_workers(generators, iterations, commits, callbacks, spec.logs,
+                              spec.checkpoints, spec.should_resize)
+    except BaseException:
+        _end(group, callbacks, error=True)
+        raise
+    if status.errors:
+        error, failure = worker_failure(status.errors, len(group), iterations.last,
+                                        spec.is_backend_failure, spec.fatal_exceptions)
+        _end(group, callbacks, error=True)
+        return RunOutcome(error=error, failure=failure)
+    if status.resize_after is not None:
+        _end(group, callbacks, error=False)
+        return RunOutcome(resize_after=status.resize_after)
+    iterations.flush(stopped=callbacks.stop_reason is not None)
+    if status.unfinished:  # stopped, but these ranks never reached a report (in a collective)
+        logger.warning("Ranks %s did not stop within %g s of the stop; ending them",
+                       list(status.unfinished), settings.settings().stop_grace_s)
+        group.shutdown()
+    for index in sorted(commits.waiting):
+        logger.warning("Checkpoint %d was not committed: not every rank reported it", index)
+    callbacks.call("finish_training", error=False)
+    callbacks.close()
+    if callbacks.error is not None:
+        raise callbacks.error
+    return RunOutcome(list(status.returns), callbacks.stop_reason)
+
+
+def _end(group: WorkerGroup, callbacks: Callbacks, error: bool) -> None:
+    group.shutdown()  # a survivor may hang in a collective: kill, don't wait
+    callbacks.call("finish_training", error=error)
+    callbacks.close()

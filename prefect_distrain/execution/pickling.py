@@ -1,0 +1,106 @@
+"""Sending functions to Ray workers: the user's own modules travel by value.
+
+A training function defined in a flow file or a test module (not ``__main__``, not an installed
+package) lives in a module the Ray workers may not be able to import. Its module is pickled by
+value, as ``__main__`` is; installed packages stay references. ``train`` pickles its function
+once, before anything starts; the prefect-ray runner does the same for the tasks it submits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sys
+import sysconfig
+import threading
+import types
+from typing import Any, Callable, Iterable, Iterator
+
+from ray import cloudpickle
+
+from ..exceptions import ConfigurationError
+
+#: Where installed packages live: modules there are imported by the workers, not sent.
+_INSTALLED = tuple(os.path.realpath(p) + os.sep for p in {
+    sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+#: Packages that every worker has.
+_EVERYWHERE = ("prefect_distrain", "prefect", "ray")
+_lock = threading.Lock()
+
+
+def user_modules(objects: Iterable[Any]) -> list[types.ModuleType]:
+    """The user's own modules that the callables among ``objects`` come from."""
+    found: list[types.ModuleType] = []
+    for obj in objects:
+        if not callable(obj):
+            continue
+        module = sys.modules.get(getattr(obj, "__module__", None) or "")
+        file = getattr(module, "__file__", None)
+        if (module is None or not file or module.__name__ == "__main__" or module in found
+                or os.path.realpath(file).startswith(_INSTALLED)
+                or module.__name__.split(".")[0] in _EVERYWHERE):
+            continue
+        found.append(module)
+    return found
+
+
+@contextlib.contextmanager
+def by_value(modules: list[types.ModuleType]) -> Iterator[None]:
+    """While inside: functions of ``modules`` are pickled by value (Ray's cloudpickle, which
+    both ``train`` and Ray's task submission use). One registration at a time."""
+    if not modules:
+        yield
+        return
+    with _lock:
+        already = getattr(cloudpickle.cloudpickle, "_is_registered_pickle_by_value",
+                          lambda module: False)
+        registered = [m for m in modules if not already(m)]
+        for module in registered:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            yield
+        finally:
+            for module in registered:
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+def serialize_train_function(fn: Callable) -> bytes:
+    """Pickle the function once for all workers; say what it captured when that fails."""
+    if not callable(fn):
+        raise ConfigurationError(
+            f"the training function must be callable, got {type(fn).__name__}: pass the "
+            "function itself, e.g. train(train_loop), not train(train_loop())")
+    try:
+        with by_value(user_modules([fn])):
+            return cloudpickle.dumps(fn)
+    except Exception as error:
+        culprits = ", ".join(_unpicklable_captures(fn)) or "an object that can't be pickled"
+        raise ConfigurationError(
+            f"the training function {getattr(fn, '__qualname__', fn)!r} can't be pickled to "
+            f"send it to the Ray workers: it captures {culprits}. Create such objects inside "
+            f"the function, or pass plain values through config=... ({error})") from error
+
+
+def _unpicklable_captures(fn: Callable) -> list[str]:
+    try:
+        captured = inspect.getclosurevars(fn)
+    except TypeError:
+        return []
+    found = []
+    for kind, names in (("variable", captured.nonlocals), ("global", captured.globals)):
+        for name, value in names.items():
+            try:
+                cloudpickle.dumps(value)
+            except Exception:  # noqa: BLE001 - we are looking for exactly these
+                found.append(f"{kind} {name!r} ({type(value).__module__}."
+                             f"{type(value).__qualname__})")
+    return found
+
+
+def takes_config(fn: Callable) -> bool:
+    """Whether the training function takes the config (``fn(config)``) or nothing."""
+    try:
+        return len(inspect.signature(fn).parameters) > 0
+    except (TypeError, ValueError):
+        return True

@@ -1,0 +1,72 @@
+"""Placing a worker group: as many workers as the cluster holds, waiting when it holds too few.
+
+A fixed group needs ``num_workers``; an elastic one (``min_workers``) takes what the cluster
+holds now, down to ``min_workers``. With fewer, it waits with a doubling pause (1 s, 2 s, ... up
+to PREFECT_DISTRAIN_BACKOFF_MAX_S), each wait logged, up to
+PREFECT_DISTRAIN_PLACEMENT_GROUP_TIMEOUT_S, then fails as a busy cluster (retryable).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .. import settings
+from ..config import ScalingConfig
+from ..exceptions import ResourcesUnavailableError
+from .backend_setup import BackendSetup
+from .cluster import capacity_now
+from .worker_group import WorkerGroup
+
+#: After a scale-up decision, how long to wait for the old group's resources to come back
+#: before starting a smaller group after all.
+_RELEASE_WAIT_S = 10.0
+
+
+def start_group(scaling: ScalingConfig, backend: BackendSetup,
+                logger: logging.Logger | logging.LoggerAdapter,
+                expect_full: bool = False) -> WorkerGroup:
+    """As many workers as the cluster holds now, up to ``num_workers`` and at least
+    ``min_workers`` (``num_workers`` if not elastic); waits with a doubling, logged backoff
+    while it holds fewer, up to PREFECT_DISTRAIN_PLACEMENT_GROUP_TIMEOUT_S.
+
+    ``expect_full``: the cluster was just seen to hold the full group (a scale-up); give
+    Ray a moment to release the old group's resources before settling for fewer.
+    """
+    wanted, least = scaling.num_workers, scaling.least_workers
+    settle = time.monotonic() + (_RELEASE_WAIT_S if expect_full else 0.0)
+    while capacity_now(scaling) < wanted and time.monotonic() < settle:
+        time.sleep(0.2)
+    timeout = settings.settings().placement_group_timeout_s
+    deadline = time.monotonic() + timeout
+    delay = 1.0
+    while True:
+        began = time.monotonic()
+        size = min(wanted, capacity_now(scaling))
+        if size >= least:
+            group = WorkerGroup(scaling, size, env=backend.worker_env())
+            try:
+                group.start(timeout=max(1.0, min(deadline - began, 10.0)))
+                backend.group_started(group)
+                logger.info("Started %d %s worker(s) in %.1f s", size,
+                                 backend.name, time.monotonic() - began)
+                return group
+            except ResourcesUnavailableError:
+                # not placed in time: the cluster changed; look again
+                backend.group_ends(group, graceful=False)
+            except BaseException:
+                backend.group_ends(group, graceful=False)
+                raise
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ResourcesUnavailableError(
+                f"waited {timeout:g} s for the cluster to hold {least} worker(s) of "
+                f"{scaling.worker_resources}; it holds {max(size, 0)} now (other work "
+                f"holds its resources, or nodes are gone). Set "
+                f"{settings.PLACEMENT_GROUP_TIMEOUT_ENV} to wait longer",
+                requested=scaling.worker_resources, retryable=True)
+        logger.warning(
+            "Waiting for resources: the cluster can hold %d of the %d worker(s) needed; "
+            "looking again in %.0f s", max(size, 0), least, min(delay, remaining))
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, settings.settings().backoff_max_s)

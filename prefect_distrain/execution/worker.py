@@ -1,0 +1,130 @@
+"""The Ray actor behind each rank: it runs the training function in a thread and streams the
+function's outbox (reports, log lines, finished uploads, the outcome) back to the driver as a
+Ray streaming generator, so reports reach the driver while training runs, without polling.
+
+The actor has two threads: one for ``run``, one for the driver's short calls beside it (a
+commit acknowledged, a verdict, a stop, a backend hook).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+import ray
+from ray import cloudpickle
+
+from ..exceptions import StopTraining
+from ..logs import capture
+from ..session import Session, set_current_session
+from ..session.context import WorkerInfo, set_worker_info
+
+#: How long a worker gathers plain reports and log lines into one message to the driver. Each
+#: message is a Ray object; one per report would cost more CPU than a small training step.
+BATCH_WINDOW_S = 0.05
+
+
+class TrainWorker:
+    """The actor behind each rank. Holds no training state between runs but its ranks."""
+
+    session: Session | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
+
+    def set_info(self, info: WorkerInfo) -> None:
+        set_worker_info(info)
+
+    def execute(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    def acknowledge_commit(self, index: int) -> None:
+        """Wakes a sync report waiting for checkpoint ``index`` to be committed."""
+        self.session.acknowledge_commit(index)
+
+    def judge(self, iteration: int, stop_reason: str | None) -> None:
+        """The verdict on ``iteration`` that its report waits for."""
+        self.session.judge(iteration, stop_reason)
+
+    def request_stop(self, reason: str, at: int) -> None:
+        """The training function ends at report ``at`` (or its next)."""
+        self.session.request_stop(reason, at)
+
+    def run(self, fn_blob: bytes, pass_config: bool, config: Any,
+            session_args: dict[str, Any]) -> Iterator:
+        """Run the training function in a thread and yield its outbox: reports, log lines and
+        finished uploads, then one ``("done", value)`` or ``("error", description)``."""
+        session = Session(**session_args)
+        self.session = session
+        set_current_session(session)
+        rank = session.context.get_world_rank()
+
+        def target() -> None:
+            try:
+                fn = cloudpickle.loads(fn_blob)
+                with capture(session.outbox):
+                    try:
+                        value = fn(config) if pass_config else fn()
+                    except StopTraining:
+                        value = None  # a callback stopped the run: not a failure
+                session.finish()
+                session.outbox.put(("done", value))
+            except BaseException as error:  # noqa: BLE001 - every outcome must reach the driver
+                session.outbox.put(("error", describe_error(error, rank)))
+
+        threading.Thread(target=target, name=f"train-loop-rank-{rank}", daemon=True).start()
+        try:
+            while True:
+                batch = _next_batch(session.outbox)
+                yield batch
+                if batch[-1][0] in ("done", "error"):
+                    return
+        finally:
+            set_current_session(None)
+
+
+def _next_batch(outbox: queue.Queue) -> list[tuple[str, Any]]:
+    """The next items of the outbox, in order. Waits the batch window for more, unless an item
+    is urgent: the end of the function, or a report that the training function waits on."""
+    batch = [outbox.get()]
+    if not any(_urgent(item) for item in batch):
+        time.sleep(BATCH_WINDOW_S)
+    while True:
+        try:
+            batch.append(outbox.get_nowait())
+        except queue.Empty:
+            return batch
+
+
+def _urgent(item: tuple[str, Any]) -> bool:
+    kind, payload = item
+    return kind in ("done", "error", "persisted") or (
+        kind == "report" and (payload["upload"] is not None or payload["awaits_verdict"]))
+
+
+def describe_error(error: BaseException, rank: int) -> dict[str, Any]:
+    """Everything the driver needs to re-raise a worker's exception, as plain data."""
+    try:
+        pickled = cloudpickle.dumps(error)
+    except Exception:  # noqa: BLE001 - an exception that can't travel still gets reported
+        pickled = None
+    return {
+        "rank": rank,
+        "type": f"{type(error).__module__}.{type(error).__qualname__}",
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        "pickled": pickled,
+        "pid": os.getpid(),
+        "node_ip": ray.util.get_node_ip_address(),
+    }

@@ -1,0 +1,147 @@
+"""The session of one worker: numbered reports to the driver, the driver's answers.
+
+``report(metrics)`` is **not a barrier**: it hands the metrics to the worker's outbox and
+returns, never waiting for other ranks or for the driver. The driver pairs the reports of all
+ranks by their iteration number, so every rank must call ``report`` the same number of times.
+
+With a checkpoint, ``report`` first takes the files (uploader.py). With ``upload="sync"`` (the
+default) it copies them into storage and then waits until the driver has **committed** the
+checkpoint, which needs every rank's report of the same iteration: so a checkpoint report
+waits for the slowest rank, and once it returns the checkpoint survives any crash. With
+``"async"`` the upload and the commit follow in the background. Either way the folder may be
+deleted or changed as soon as ``report`` returns.
+
+Stops: when a callback that decides stops exactly (``TrainingCallback.exact_stop``, e.g.
+``EarlyStopping``) is attached, each report also waits for the driver's verdict on its
+iteration, so a stop decided at report N ends every rank at report N. A stop set by any other
+callback names the highest iteration the driver has seen; every rank ends at its first report
+at or after it.
+
+This module never imports Prefect: workers stay light and start fast.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+from ..checkpoints.checkpoint import Checkpoint
+from ..checkpoints.storage import RunStorage
+from ..exceptions import StopTraining
+from .auto import AUTO_PASS_KEY, AutoCheckpoints
+from .context import TrainContext
+from .uploader import Uploader
+
+
+class Session:
+    """What the training function on one worker talks to (through ``pd.report`` & co)."""
+
+    def __init__(self, context: TrainContext, storage: RunStorage, resume_from: Checkpoint | None,
+                 iteration: int = 0, upload: str = "sync", datasets: dict[str, Any] | None = None,
+                 checkpoint_mode: str = "manual", await_verdicts: bool = False):
+        self.context = context
+        self.storage = storage
+        #: The checkpoint to resume from (``get_checkpoint()``), fixed while the function runs.
+        self.resume_from = resume_from
+        #: Reports are numbered across the whole run (all attempts): a restart that resumes
+        #: from checkpoint 3 numbers its first report 4. A checkpoint's index is its report's.
+        self.iteration = iteration
+        #: name -> this rank's DataIterator of each dataset given to the run.
+        self.datasets = dict(datasets or {})
+        #: Every report waits for the driver's verdict on its iteration.
+        self.await_verdicts = await_verdicts
+        self.outbox: queue.Queue = queue.Queue()
+        rank = context.get_world_rank()
+        self.uploader = Uploader(storage, upload, rank, context.get_attempt(), self.outbox)
+        self.auto = AutoCheckpoints(checkpoint_mode == "auto", resume_from, rank, self.report)
+        self.last_report_time = time.time()
+        #: Set by the driver when a callback stopped the run: the report numbered ``stop_at``
+        #: (or the next one, if this rank is past it) ends the function.
+        self.stop_reason: str | None = None
+        self.stop_at: int | None = None
+        self._committed = 0
+        self._judged = 0
+        self._driver = threading.Condition()
+
+    # -- the training function's side ------------------------------------------------------
+
+    def report(self, metrics: Mapping[str, Any], checkpoint: Checkpoint | None) -> None:
+        if not isinstance(metrics, Mapping):
+            raise TypeError(
+                f"report() takes a dict of metrics, got {type(metrics).__name__}: "
+                "call report({'loss': loss}) (use {} to report only a checkpoint)")
+        if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+            raise TypeError(
+                "report(checkpoint=...) takes a prefect_distrain.Checkpoint, got "
+                f"{type(checkpoint).__name__}: use Checkpoint.from_directory(path)")
+        bad_keys = [k for k in metrics if not isinstance(k, str)]
+        if bad_keys:
+            raise TypeError(f"report() metric names must be strings, got {bad_keys!r}")
+        if self.auto.replaying:
+            return  # a pass done before the restart: its report was delivered then
+        self.auto.note(dict(metrics))
+        now = time.time()
+        self.iteration += 1
+        result = dict(metrics)
+        result["_timestamp"] = int(now)
+        result["_time_this_iter_s"] = now - self.last_report_time
+        result["_training_iteration"] = self.iteration
+        self.last_report_time = now
+        self.uploader.raise_failed()
+        self._send(result, checkpoint)
+        if self.await_verdicts and AUTO_PASS_KEY not in result:  # automatic: nobody judges it
+            self._wait_for_driver(lambda: self._judged >= self.iteration)
+        if self.stop_at is not None and self.iteration >= self.stop_at:
+            raise StopTraining(self.stop_reason)
+
+    def _send(self, result: dict[str, Any], checkpoint: Checkpoint | None) -> None:
+        awaits = self.await_verdicts and AUTO_PASS_KEY not in result
+        if checkpoint is None:
+            self.outbox.put(("report", {"metrics": result, "upload": None,
+                                        "awaits_verdict": awaits}))
+            return
+        index = self.iteration
+        files = self.uploader.upload(index, checkpoint)
+        self.outbox.put(("report", {"metrics": result, "awaits_verdict": awaits,
+                                    "upload": {"index": index, "files": files}}))
+        if files is not None:  # sync: returns once committed
+            self._wait_for_driver(lambda: self._committed >= index)
+
+    def finish(self) -> None:
+        """After the training function returns: in mode "auto" its final state is committed;
+        its last upload must land or fail loudly."""
+        self.auto.finish()
+        self.uploader.wait()
+        self.uploader.raise_failed()
+
+    # -- the driver's side (called on the actor's second thread) -----------------------------
+
+    def acknowledge_commit(self, index: int) -> None:
+        """The driver committed checkpoint ``index``: a sync ``report`` waiting on it returns."""
+        with self._driver:
+            self._committed = max(self._committed, index)
+            self._driver.notify_all()
+
+    def judge(self, iteration: int, stop_reason: str | None) -> None:
+        """The driver's verdict on ``iteration``: go on, or stop there. Verdicts may arrive out
+        of order (the actor serves them on a second thread), so they only ever move forward."""
+        with self._driver:
+            if stop_reason is not None:
+                self._stop(stop_reason, iteration)
+            self._judged = max(self._judged, iteration)
+            self._driver.notify_all()
+
+    def request_stop(self, reason: str, at: int) -> None:
+        """A stop that no report waited for: end at report ``at``, or the next one if past it."""
+        with self._driver:
+            self._stop(reason, at)
+
+    def _stop(self, reason: str, at: int) -> None:
+        if self.stop_at is None or at < self.stop_at:
+            self.stop_at, self.stop_reason = at, reason
+
+    def _wait_for_driver(self, done: Callable[[], bool]) -> None:
+        with self._driver:
+            self._driver.wait_for(done)

@@ -1,0 +1,114 @@
+"""A worker's checkpoint uploads, sync or async.
+
+``"sync"``: the reported folder is copied into the run's storage before ``report`` goes on.
+``"async"``: the files are moved into a staging folder beside them (a rename: instant, however
+large; a copy where a rename can't, or where the files must stay) and one background thread per
+rank uploads them; a failed upload is raised by the next report and at the end of the run.
+Files that are not the training function's to give away are copied, never moved: a committed
+checkpoint's (``get_checkpoint()``), anything in the run's storage. A checkpoint in remote
+storage is downloaded (and verified) first.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+import threading
+
+from ..checkpoints.checkpoint import Checkpoint
+from ..checkpoints.fs import is_local
+from ..checkpoints.manifest import FileEntry
+from ..checkpoints.storage import RunStorage
+from ..exceptions import ConfigurationError
+
+
+class Uploader:
+    """The uploads of one rank in one attempt."""
+
+    def __init__(self, storage: RunStorage, mode: str, rank: int, attempt: int,
+                 outbox: queue.Queue):
+        self.storage, self.mode, self.rank, self.attempt = storage, mode, rank, attempt
+        self.outbox = outbox
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def upload(self, index: int, checkpoint: Checkpoint) -> dict[str, FileEntry] | None:
+        """Sync: the files as uploaded. Async: None once they are staged; their upload sends
+        a ``("persisted", ...)`` message when done."""
+        folder, ours = self._source(checkpoint)
+        if self.mode == "sync":
+            try:
+                return self.storage.upload(folder, index, self.attempt, self.rank)
+            finally:
+                if ours:
+                    shutil.rmtree(folder, ignore_errors=True)
+        self.wait()  # at most one upload in flight per rank
+        self.raise_failed()
+        staged = folder if ours else take_files(
+            folder, index, move=not (checkpoint.manifest is not None
+                                     or self.storage.contains(folder)))
+        self._thread = threading.Thread(target=self._upload_in_background, args=(staged, index),
+                                        name=f"checkpoint-upload-{index}", daemon=True)
+        self._thread.start()
+        return None
+
+    def wait(self) -> None:
+        """Until the upload in flight (if any) has ended."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def raise_failed(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _source(self, checkpoint: Checkpoint) -> tuple[str, bool]:
+        """The local folder to upload from, and whether it is a copy of our own."""
+        fs, path = checkpoint.location()
+        if not is_local(fs):
+            return checkpoint.to_directory(tempfile.mkdtemp(prefix="checkpoint-source-")), True
+        if not os.path.isdir(path):
+            raise ConfigurationError(
+                f"report(checkpoint=...): {path!r} is not a directory. Write the files into a "
+                "folder and pass Checkpoint.from_directory(folder)")
+        return path, False
+
+    def _upload_in_background(self, staged: str, index: int) -> None:
+        try:
+            files = self.storage.upload(staged, index, self.attempt, self.rank)
+            self.outbox.put(("persisted", {"index": index, "files": files}))
+        except BaseException as error:  # noqa: BLE001 - raised by the next report() / finish()
+            self._error = error
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def take_files(folder: str, index: int, move: bool = True) -> str:
+    """Move the reported files to a staging folder beside them (a rename: instant, however
+    large), or copy them when they must stay (``move=False``) or a rename can't move them
+    (another filesystem, no write access). Either way, what the training function writes
+    there next can't change the checkpoint."""
+    source = os.path.abspath(folder)
+    staged = None
+    if move:
+        try:
+            staged = tempfile.mkdtemp(prefix=f".checkpoint-{index}-",
+                                      dir=os.path.dirname(source))
+        except OSError:
+            pass
+    staged = staged or tempfile.mkdtemp(prefix=f"checkpoint-{index}-")
+    for name in os.listdir(source):
+        src, dst = os.path.join(source, name), os.path.join(staged, name)
+        try:
+            if not move:
+                raise OSError("copied, not moved")
+            os.rename(src, dst)
+        except OSError:
+            if os.path.isdir(src):
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+    return staged

@@ -1,0 +1,121 @@
+"""The house: every module imports first on its own, and the failure policy's rules (the README's
+"Failure classes") hold, row by row, without Ray."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import prefect_distrain
+from prefect_distrain.execution.failure_policy import (
+    Decision,
+    Failure,
+    classify,
+    decide,
+    is_retryable,
+    should_resize,
+)
+
+MODULES = sorted(m.name for m in pkgutil.walk_packages(prefect_distrain.__path__,
+                                                       "prefect_distrain."))
+
+
+def import_alone(module: str) -> tuple[str, int, str]:
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return module, done.returncode, done.stderr[-2000:]
+
+
+@pytest.mark.timeout(900)
+def test_every_module_imports_first_on_its_own():
+    """A fresh interpreter per module (no import order to lean on, no cycle to trip on)."""
+    assert "prefect_distrain.integrations.trackers" in MODULES and len(MODULES) > 30
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = list(pool.map(import_alone, MODULES))
+    failed = [(m, err) for m, code, err in outcomes if code != 0]
+    assert not failed, failed
+
+
+# -- the failure policy -------------------------------------------------------------------------
+
+
+def raised(**facts) -> Failure:
+    """A ValueError raised on rank 1 of 2 after report 7, unless ``facts`` say otherwise."""
+    return Failure(**{"kind": "raised", "type": "builtins.ValueError", "message": "bad row",
+                      "ranks": (1,), "world_size": 2, "iteration": 7, **facts})
+
+
+ROWS = [
+    # (what happened, infrastructure?)
+    (Failure(kind="lost", type="prefect_distrain.exceptions.WorkerLostError",
+             message="rank 1's worker died", ranks=(1,), world_size=2), True),
+    (Failure(kind="lost", type="prefect_distrain.exceptions.WorkerLostError", message="x",
+             ranks=(0, 1), world_size=2, every_rank=True), True),  # a lost node: everyone
+    (raised(runtime=True, every_rank=True, ranks=(0, 1)), True),   # a collective timed out
+    (raised(retryable=True), True),        # a failed upload (CheckpointUploadError)
+    (Failure(kind="driver", type="prefect_distrain.exceptions.StorageError",
+             message="disk full", retryable=True), True),
+    (Failure(kind="driver", type="prefect_distrain.exceptions.ResourcesUnavailableError",
+             message="waited 120 s", retryable=True), True),       # a busy cluster
+    (raised(), True),                      # some ranks but not all
+    (raised(every_rank=True, ranks=(0, 1)), False),               # the same type everywhere
+    (raised(fatal=True), False),           # in fatal_exceptions, even on one rank
+    (raised(retryable=False), False),      # our own "bad input" (ConfigurationError)
+    (Failure(kind="driver", type="prefect_distrain.exceptions.UnequalReportsError",
+             message="ranks report unequally", retryable=False), False),
+    (Failure(kind="driver", type="prefect_distrain.checkpoints.lease.LeaseLostError",
+             message="taken over", retryable=False), False),
+    (Failure(kind="driver", type="builtins.RuntimeError", message="a fatal callback",
+             retryable=False), False),
+]
+
+
+@pytest.mark.parametrize("failure,infrastructure", ROWS)
+def test_each_failure_class(failure, infrastructure):
+    assert classify(failure)[0] is infrastructure
+    expected = Decision.RESTART if infrastructure else Decision.RAISE
+    assert decide(failure, None, restarts_done=0, max_failures=3) is expected
+
+
+def test_a_failure_that_repeats_at_the_same_iteration_is_a_bug():
+    """A ValueError on rank 1 only is infrastructure once; again at the same report iteration
+    after a restart, it is the user's bug: no more restarts, and no Prefect retry."""
+    first = raised()
+    assert classify(first)[0] is True
+    again = raised()
+    infrastructure, why = classify(again, previous=first)
+    assert infrastructure is False and why.startswith("it repeated after a restart")
+    assert decide(again, first, restarts_done=1, max_failures=-1) is Decision.RAISE
+    # Elsewhere, or with another message, it is not a repeat.
+    assert classify(raised(iteration=8), previous=first)[0] is True
+    assert classify(Failure(kind="raised", type="builtins.ValueError", message="other row",
+                            ranks=(1,), world_size=2, iteration=7), previous=first)[0] is True
+    # A worker lost twice at the same place is still bad luck (a node, a preemption).
+    lost = Failure(kind="lost", type="WorkerLostError", message="died", iteration=7)
+    assert classify(lost, previous=lost)[0] is True
+
+
+@pytest.mark.parametrize("max_failures,restarts_done,expected", [
+    (0, 0, Decision.RAISE), (1, 0, Decision.RESTART), (1, 1, Decision.RAISE),
+    (3, 2, Decision.RESTART), (-1, 1000, Decision.RESTART)])
+def test_the_restart_budget(max_failures, restarts_done, expected):
+    assert decide(raised(), None, restarts_done, max_failures) is expected
+
+
+def test_an_elastic_group_grows_back_when_the_cluster_holds_the_missing_workers():
+    assert should_resize(running=2, wanted=4, free_workers=2) is True
+    assert should_resize(running=2, wanted=4, free_workers=1) is False
+    assert should_resize(running=4, wanted=4, free_workers=8) is False
+
+
+def test_prefects_retry_condition_reads_the_verdict_on_the_error():
+    error = ValueError("bad row")
+    assert is_retryable(error) is False  # nothing said: not retried
+    error.retryable = True
+    assert is_retryable(error) is True
