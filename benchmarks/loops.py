@@ -66,10 +66,22 @@ def step_overhead_loop(config):
     model = pd.torch.prepare_model(_model(config.get("hidden", 0)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, 32), torch.randn(64, 1)
+    # With "loader": each step takes its batch from a prepared loader (counted as progress).
+    batches = None
+    if config.get("loader"):
+        data = torch.utils.data.TensorDataset(x.repeat(64, 1), y.repeat(64, 1))
+        loader = pd.torch.prepare_data_loader(torch.utils.data.DataLoader(data, batch_size=64))
+
+        def forever():
+            while True:
+                yield from loader
+
+        batches = forever()
 
     def step():
+        xb, yb = next(batches) if batches is not None else (x, y)
         optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.functional.mse_loss(model(xb), yb).backward()
         optimizer.step()
 
     for _ in range(config["warmup"]):

@@ -136,6 +136,22 @@ class Bench:
                             else medians["report"] / medians["plain"])
         self.figures["P2b exact stop: cost per report (ms)"] = spread(costs)
         self.figures["P2b exact stop: step with report / without, MLP 1024"] = spread(ratios)
+        self.hang_tracking_cost(config)
+
+    def hang_tracking_cost(self, config: dict) -> None:
+        """P2c: the step time with hang detection on (the default: a progress count per
+        prepared batch and a message every few seconds) / off, interleaved runs."""
+        ratios = []
+        for _ in range(self.repeat):
+            steps = {}
+            for name, hang in (("off", None), ("on", 600.0)):
+                with pd.Trainer(num_workers=2, run=self.run_config("p2c"),
+                                failure=pd.FailureConfig(hang_timeout_s=hang)) as trainer:
+                    result = trainer.fit(step_overhead_loop, config={**config, "loader": True})
+                steps[name] = result.worker_results[0]["report"]
+            ratios.append(steps["on"] / steps["off"])
+        self.figures["P2c step with hang tracking on / off"] = {
+            **spread(ratios), "goal": "<= 1.02", "met": statistics.median(ratios) <= 1.02}
 
     # -- P3 / P4 -----------------------------------------------------------------------------
 

@@ -37,8 +37,10 @@ from .exceptions import (
     DistrainError,
     RemoteTraceback,
     ResourcesUnavailableError,
+    RunTimeoutError,
     StopTraining,
     StorageError,
+    TrainingHangError,
     UnequalReportsError,
     UnsafeCheckpointError,
     WorkerError,
@@ -80,18 +82,18 @@ _LAZY = {
 }
 
 __all__ = [
-    "ASHAScheduler", "EarlyStopping", "MedianStoppingRule", "TrialScheduler", "TuneResult",
-    "callbacks", "choice", "grid", "loguniform", "tune", "uniform",
-    "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
-    "CheckpointUploadError", "ConfigurationError", "DataConfig", "DistrainError", "FailureConfig",
-    "HorovodConfig", "LeaseLostError", "PrintingCallback", "RemoteTraceback",
-    "ResourcesUnavailableError", "RunConfig", "RunInUseError", "ScalingConfig", "StopTraining",
-    "StorageError", "TensorflowConfig", "TorchConfig", "TrainContext",
-    "TrainResult", "Trainer", "TrainingCallback", "UnequalReportsError", "UnsafeCheckpointError",
-    "WorkerError",
-    "WorkerLostError", "available_backends", "best_checkpoint", "get_checkpoint", "get_context",
-    "get_dataset_shard", "latest_checkpoint", "ray_task_runner", "read_dataset", "report",
-    "retry_on_infrastructure", "tensorflow", "torch", "train",
+    "ASHAScheduler", "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig",
+    "CheckpointCorruptError", "CheckpointUploadError", "ConfigurationError", "DataConfig",
+    "DistrainError", "EarlyStopping", "FailureConfig", "HorovodConfig", "LeaseLostError",
+    "MedianStoppingRule", "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError",
+    "RunConfig", "RunInUseError", "RunTimeoutError", "ScalingConfig", "StopTraining",
+    "StorageError", "TensorflowConfig", "TorchConfig", "TrainContext", "TrainResult", "Trainer",
+    "TrainingCallback", "TrainingHangError", "TrialScheduler", "TuneResult",
+    "UnequalReportsError", "UnsafeCheckpointError", "WorkerError", "WorkerLostError",
+    "available_backends", "best_checkpoint", "callbacks", "choice", "get_checkpoint",
+    "get_context", "get_dataset_shard", "grid", "latest_checkpoint", "loguniform",
+    "ray_task_runner", "read_dataset", "report", "retry_on_infrastructure", "tensorflow",
+    "torch", "train", "tune", "uniform",
 ]
 
 

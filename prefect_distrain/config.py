@@ -8,6 +8,7 @@ models: a pydantic model is iterable, and Prefect's ``.map()`` would iterate ove
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,6 +37,12 @@ class ScalingConfig:
     ``min_workers`` makes the group elastic: it starts (and restarts after a loss) with as many
     workers as the cluster holds, down to ``min_workers``, and grows back to ``num_workers`` at
     the next committed checkpoint once the cluster can hold them again.
+
+    ``concurrency_limit``: the name of a Prefect global concurrency limit (``prefect gcl create
+    gpus --limit 8``) whose slots count what the run holds: one per worker, or one per GPU with
+    ``use_gpu``. ``train`` waits for the slots before it starts the workers and gives them back
+    when it ends, so flows that share a Ray cluster queue instead of oversubscribing it. Only
+    ``train`` (the Prefect task) takes them; a missing limit is an error that names it.
     """
 
     num_workers: int = 1
@@ -43,6 +50,7 @@ class ScalingConfig:
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: str = "PACK"
     min_workers: int | None = None
+    concurrency_limit: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) \
@@ -56,6 +64,11 @@ class ScalingConfig:
             raise ConfigurationError(
                 f"min_workers must be between 1 and num_workers={self.num_workers} (got "
                 f"{self.min_workers!r}); leave it None for a group of fixed size")
+        if self.concurrency_limit is not None and (
+                not isinstance(self.concurrency_limit, str) or not self.concurrency_limit.strip()):
+            raise ConfigurationError(
+                f"concurrency_limit must name a Prefect global concurrency limit (got "
+                f"{self.concurrency_limit!r}), e.g. concurrency_limit='gpus'")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ConfigurationError(
                 f"placement_strategy {self.placement_strategy!r} is not one of "
@@ -68,6 +81,13 @@ class ScalingConfig:
             raise ConfigurationError(
                 "resources_per_worker asks for GPUs but use_gpu is False: set use_gpu=True "
                 "so that the backend places the model on the GPU")
+
+    @property
+    def slots(self) -> int:
+        """The concurrency slots the group holds: its GPUs with ``use_gpu``, else its
+        workers."""
+        gpus = self.worker_resources.get("GPU", 0.0)
+        return max(1, math.ceil(gpus * self.num_workers)) if gpus else self.num_workers
 
     @property
     def least_workers(self) -> int:
@@ -110,6 +130,10 @@ class RunConfig:
     this host ended, or this is a Prefect retry of its task run). ``takeover=True`` takes the
     run over from a writer you know is gone; one that is still alive stops committing.
 
+    ``timeout_s``: a deadline for the whole ``train`` call (restarts included): when it passes,
+    every rank stops at its next report (a checkpoint in flight is committed first), or is
+    ended after ``PREFECT_DISTRAIN_STOP_GRACE_S``, and the run fails with ``RunTimeoutError``.
+
     ``total``: what ``progress_key`` of rank 0's reports counts up to (default: the number of
     reports), for the Prefect progress artifact and the terminal progress bar.
     ``other_ranks_log_level``: rank 0's log lines and prints reach the run log from INFO up,
@@ -123,8 +147,15 @@ class RunConfig:
     progress_key: str = "_training_iteration"
     other_ranks_log_level: str = "WARNING"
     takeover: bool = False
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.timeout_s is not None and (
+                not isinstance(self.timeout_s, (int, float)) or isinstance(self.timeout_s, bool)
+                or self.timeout_s <= 0):
+            raise ConfigurationError(
+                f"timeout_s must be a positive number of seconds, or None for no deadline (got "
+                f"{self.timeout_s!r})")
         if not isinstance(self.takeover, bool):
             raise ConfigurationError(f"takeover must be True or False (got {self.takeover!r})")
         if self.name is not None and not (isinstance(self.name, str)
@@ -166,6 +197,12 @@ class CheckpointConfig:
     flight per rank; a failure is raised by the next ``report`` and at the end of the run).
     Sync is the default because its failures surface where they happen.
 
+    ``upload_retries``: a checkpoint upload, a manifest or a ledger record that fails with a
+    transient storage error (a timeout, a dropped connection, throttling, a 5xx, expired
+    credentials) is written again on a fresh client, up to this many times, after pauses that
+    double from 0.5 s up to ``upload_backoff_max_s`` (with jitter); then it fails the attempt
+    as infrastructure.
+
     ``mode="auto"``: when the loop prepared its model, optimizer and training data loader with
     ``pd.torch.prepare_model`` / ``prepare_optimizer`` / ``prepare_data_loader``, their state is
     committed before each pass over the training data (and once more when the function
@@ -181,6 +218,8 @@ class CheckpointConfig:
     checkpoint_score_order: str = "max"
     upload: str = "sync"
     mode: str = "manual"
+    upload_retries: int = 5
+    upload_backoff_max_s: float = 20.0
 
     def __post_init__(self) -> None:
         if self.num_to_keep is not None and (
@@ -194,6 +233,16 @@ class CheckpointConfig:
                 "better, e.g. accuracy) or 'min' (lower is better, e.g. loss)")
         if self.upload not in ("sync", "async"):
             raise ConfigurationError(f"upload {self.upload!r}: use 'sync' or 'async'")
+        if not isinstance(self.upload_retries, int) or isinstance(self.upload_retries, bool) \
+                or self.upload_retries < 0:
+            raise ConfigurationError(
+                f"upload_retries must be a whole number >= 0 (got {self.upload_retries!r}); 0 "
+                "fails a checkpoint at its first storage error")
+        if not isinstance(self.upload_backoff_max_s, (int, float)) \
+                or self.upload_backoff_max_s <= 0:
+            raise ConfigurationError(
+                f"upload_backoff_max_s must be a positive number of seconds (got "
+                f"{self.upload_backoff_max_s!r})")
         if self.mode not in ("manual", "auto"):
             raise ConfigurationError(
                 f"mode {self.mode!r}: use 'auto' (checkpoint the prepared model, optimizer and "
@@ -213,13 +262,28 @@ class FailureConfig:
     user's bug -- the same exception type on every rank, or a type listed in
     ``fatal_exceptions`` -- is raised at once. ``max_failures=-1`` restarts without limit.
     Default 0, as in Ray Train: a failure goes to Prefect, whose retries resume from the latest
-    checkpoint.
+    checkpoint. The rules are those of ``execution/failure_policy.py``.
+
+    ``hang_timeout_s``: when a rank makes no progress (no report, no step through a prepared
+    data loader or optimizer, no upload, not waiting for the driver) for this long, the attempt
+    hangs: every rank's stack goes to the run's forensics and the attempt fails as
+    ``TrainingHangError`` (infrastructure: restarted, retried). A rank quiet for half of it is
+    logged as a straggler. 600 s by default: longer than a slow first step or a long
+    evaluation between reports, far shorter than torch's 30-minute collective timeout. None
+    turns it off.
     """
 
     max_failures: int = 0
     fatal_exceptions: tuple[type[BaseException], ...] = ()
+    hang_timeout_s: float | None = 600.0
 
     def __post_init__(self) -> None:
+        if self.hang_timeout_s is not None and (
+                not isinstance(self.hang_timeout_s, (int, float))
+                or isinstance(self.hang_timeout_s, bool) or self.hang_timeout_s <= 0):
+            raise ConfigurationError(
+                f"hang_timeout_s must be a positive number of seconds, or None to turn hang "
+                f"detection off (got {self.hang_timeout_s!r})")
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise ConfigurationError(
                 f"max_failures must be -1 (no limit), 0 or more (got {self.max_failures!r})")

@@ -115,6 +115,28 @@ class StorageError(DistrainError):
     retryable = True
 
 
+class TrainingHangError(DistrainError):
+    """Ranks made no progress for ``FailureConfig.hang_timeout_s``: stuck in a collective, a
+    deadlock, a data loader that never yields. Infrastructure (restarted, retried); every
+    rank's stack is in ``forensics`` and in the run's summary."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, ranks: list[int] | None = None, forensics: str = ""):
+        super().__init__(message)
+        self.ranks = ranks or []
+        self.forensics = forensics
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, {"ranks": self.ranks,
+                                                   "forensics": self.forensics}))
+
+
+class RunTimeoutError(DistrainError):
+    """The run's deadline (``RunConfig(timeout_s)``) passed: it was stopped, what it committed
+    stays. Not retried: a retry would meet the same deadline."""
+
+
 class CheckpointCorruptError(DistrainError):
     """A checkpoint's files do not match its manifest (missing, wrong size or hash)."""
 

@@ -55,3 +55,5 @@ class RunReport:
     result: TrainResult | None = None
     error: BaseException | None = None
     tails: dict[int, list[str]] = field(default_factory=dict)
+    #: Every rank's stacks, once per attempt that hung.
+    forensics: list[str] = field(default_factory=list)

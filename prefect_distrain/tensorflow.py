@@ -29,7 +29,7 @@ from typing import Any
 
 from .backends.tensorflow import TensorflowConfig, import_tensorflow
 from .checkpoints.checkpoint import Checkpoint
-from .session import get_context, report
+from .session import current_session, get_context, report
 
 tf = import_tensorflow()
 
@@ -72,6 +72,11 @@ class ReportCheckpointCallback(tf.keras.callbacks.Callback):
             metrics = {name: name for name in metrics}
         self.metrics = metrics
         self.checkpoint_every = checkpoint_every
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        session = current_session()  # each batch is progress, for the driver's hang detection
+        if session is not None:
+            session.step()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}

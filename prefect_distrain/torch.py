@@ -160,7 +160,10 @@ class _DeviceLoader:
             self._epoch_set = self.passes
         self.passes += 1
         replay = self.auto is not None and self.auto.begin_pass()
+        session = current_session()  # each batch is progress, for the driver's hang detection
         for batch in self.loader:
+            if session is not None:
+                session.step()
             yield batch if self.device is None else _to_device(batch, self.device)
             if replay:  # a pass done before the restart (mode "auto"): one batch, undone later
                 return

@@ -20,11 +20,14 @@ import sklearn  # noqa: E402, F401 - the flows import it; it sets KMP_* variable
 
 
 def _install_flaky_protocol() -> None:
-    """Worker setup: make the test-only ``flaky://`` protocol known, like an installed plugin."""
+    """Worker setup: make the test-only ``flaky://`` and ``flakys3://`` protocols known, like
+    installed plugins."""
     sys.path.insert(0, TESTS)
     import flaky_fs
+    import s3_faults
 
     flaky_fs.arm(None)
+    s3_faults.register()
 
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -47,8 +50,10 @@ def ray_cluster():
     must find it and leave it running."""
     assert not ray.is_initialized()
     import flaky_fs
+    import s3_faults
 
     flaky_fs.arm(None)
+    s3_faults.register()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the setup hook
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=True, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": _install_flaky_protocol})

@@ -22,6 +22,8 @@ def deterministic_loop(config):
     With a ``"train"`` dataset, each epoch also reads this rank's shard of it (``shard_ids``).
     ``config["gates"]``: {epoch: path}: before that epoch, wait until the file exists (so a
     test can change the cluster at a known point without racing the training).
+    ``config["hang"]``: [epoch, rank]: on attempt 0 that rank sleeps for good at the start of
+    that epoch, while its peer waits for it in the backward pass's allreduce.
     """
     ctx = pd.get_context()
     rank = ctx.get_world_rank()
@@ -47,6 +49,8 @@ def deterministic_loop(config):
         while gate is not None and not os.path.exists(gate):
             time.sleep(0.1)
         loader.sampler.set_epoch(epoch)
+        if ctx.get_attempt() == 0 and [epoch, rank] == config.get("hang"):
+            time.sleep(3600)  # the peer never comes
         for step, (xb, yb) in enumerate(loader):
             if kill is not None and [epoch, step, rank] == list(kill):
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -44,10 +44,16 @@ def listing(storage: dict, name: str) -> tuple[list[str], list[str]]:
 # -- the store on its own, on local disk, memory:// and S3 -------------------------------------
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", "s3", "dir"])
 def any_storage(request, tmp_path):
+    """Local disk, memory://, S3 (moto), and dir:// (a store with no atomic rename-free write
+    and no exclusive create: records go to a temp name, are read back, then renamed)."""
     if request.param == "local":
         return {"storage": str(tmp_path / "runs"), "storage_options": {}}
+    if request.param == "dir":
+        (tmp_path / "dir-root").mkdir()
+        return {"storage": "dir://runs", "storage_options": {
+            "path": str(tmp_path / "dir-root"), "target_protocol": "file"}}
     if request.param == "memory":
         return {"storage": f"memory://runs-{os.getpid()}-{id(tmp_path)}", "storage_options": {}}
     return request.getfixturevalue("s3_storage")

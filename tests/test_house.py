@@ -63,6 +63,8 @@ ROWS = [
              message="disk full", retryable=True), True),
     (Failure(kind="driver", type="prefect_distrain.exceptions.ResourcesUnavailableError",
              message="waited 120 s", retryable=True), True),       # a busy cluster
+    (Failure(kind="driver", type="prefect_distrain.exceptions.TrainingHangError",
+             message="ranks [0, 1] made no progress", retryable=True), True),
     (raised(), True),                      # some ranks but not all
     (raised(every_rank=True, ranks=(0, 1)), False),               # the same type everywhere
     (raised(fatal=True), False),           # in fatal_exceptions, even on one rank
@@ -73,6 +75,8 @@ ROWS = [
              message="taken over", retryable=False), False),
     (Failure(kind="driver", type="builtins.RuntimeError", message="a fatal callback",
              retryable=False), False),
+    (Failure(kind="driver", type="prefect_distrain.exceptions.RunTimeoutError",
+             message="the run's deadline passed", retryable=False), False),
 ]
 
 

@@ -97,6 +97,13 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
     return set(protocol) if isinstance(protocol, (tuple, list)) else {protocol}
 
 
+def ensure_folder(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create ``path`` on stores with real folders (local, sftp, hdfs...); nothing on object
+    stores, whose "folders" are key prefixes (and where creating one could create a bucket)."""
+    if not (_protocols(fs) & _ATOMIC_PUT):
+        fs.makedirs(path, exist_ok=True)
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Replace ``path`` so that a reader sees the old content or all of the new.
 
@@ -183,6 +190,7 @@ def _local_temp(path: str, data: bytes) -> str:
 
 def _remote_temp(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> str:
     temp = f"{path}.tmp-{uuid.uuid4().hex}"
+    ensure_folder(fs, path.rsplit("/", 1)[0])
     fs.pipe_file(temp, data)
     if fs.cat_file(temp) != data:
         fs.rm_file(temp)

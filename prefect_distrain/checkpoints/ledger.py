@@ -16,7 +16,7 @@ ended; the checkpoint manager reads it to know which attempts are over.
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, Callable
 
 from ..exceptions import StorageError
 from .checkpoint import Checkpoint
@@ -30,9 +30,11 @@ LOST_DRIVER = "the driver was lost (no outcome recorded)"
 class AttemptLedger:
     """The attempts of one run, as seen and written by its lease holder."""
 
-    def __init__(self, storage: RunStorage, lease: int | None = None):
+    def __init__(self, storage: RunStorage, lease: int | None = None,
+                 on_retry: Callable[[], None] | None = None):
         self.storage = storage
         self.lease = lease
+        self.on_retry = on_retry
 
     def records(self) -> list[dict[str, Any]]:
         """Every readable record, by attempt number (an unreadable one is logged, skipped)."""
@@ -54,7 +56,8 @@ class AttemptLedger:
         for _ in range(100):
             claimed = {**record, "attempt": attempt}
             with driver_io("claiming an attempt", self.storage):
-                if self.storage.create_json(claimed, ATTEMPTS, _name(attempt)):
+                if self.storage.create_json(claimed, ATTEMPTS, _name(attempt),
+                                            on_retry=self.on_retry):
                     return claimed
             attempt += 1
         raise StorageError(f"could not claim an attempt of run {self.storage.run_name!r}: 100 "
@@ -66,7 +69,8 @@ class AttemptLedger:
         ended = {**record, "status": status, "ended_at": now_iso(), "cause": cause,
                  "last_reported": last_reported}
         with driver_io("writing the attempt ledger", self.storage):
-            self.storage.write_json(ended, ATTEMPTS, _name(record["attempt"]))
+            self.storage.write_json(ended, ATTEMPTS, _name(record["attempt"]),
+                                    on_retry=self.on_retry)
         return ended
 
 

@@ -39,6 +39,7 @@ from .fs import redact_url
 from .lease import LEASE, RunLease, takeover_reason
 from .ledger import read_attempts
 from .manifest import FileEntry, Manifest, ManifestError, parse_dirname
+from .retry import RetryCounts
 from .storage import MANIFESTS, RunStorage, driver_io
 
 T = TypeVar("T")
@@ -113,6 +114,8 @@ class CheckpointManager:
         self.lease: RunLease | None = None
         self.committed: list[Manifest] = []
         self.protected: set[str] = set()
+        #: The storage retries of this run's writers so far (retry.py).
+        self.retries = RetryCounts()
         self._swept: set[int] = set()
 
     # -- the writer ------------------------------------------------------------------------
@@ -244,7 +247,7 @@ class CheckpointManager:
                                 backend=backend,
                                 lease=self.lease.generation if self.lease else None)
         with driver_io(f"committing checkpoint {index}", self.storage):
-            self.storage.write_manifest(manifest)
+            self.storage.write_manifest(manifest, on_retry=self.retries.driver_retried)
         self.committed.append(manifest)
         if attempt not in self._swept:
             self._swept.add(attempt)

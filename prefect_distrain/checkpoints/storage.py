@@ -9,7 +9,8 @@ Layout of one run::
                                            after every reporting rank has uploaded
         _attempts/attempt_00000.json       one record per start of the worker group, claimed
                                            by an exclusive create
-        _lease/lease_000001.json           who writes the run now (checkpoint_manager.py)
+        _lease/lease_000001.json           who writes the run now (lease.py)
+        forensics/attempt_00000-hang.txt   every rank's stack when an attempt hung
 
 What is committed, kept, latest, best and resumed from is decided in checkpoint_manager.py; this
 module only moves bytes. Records are written atomically (``fs.atomic_write``); a manifest is
@@ -23,7 +24,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 
@@ -31,9 +32,11 @@ from ..exceptions import CheckpointUploadError, DistrainError, StorageError
 from . import fs as fsutil
 from .checkpoint import Checkpoint
 from .manifest import FileEntry, Manifest, ManifestError, checkpoint_dirname, parse_dirname
+from .retry import RetryPolicy, with_retries
 
 MANIFESTS = "_manifests"
 ATTEMPTS = "_attempts"
+FORENSICS = "forensics"
 LEASE = "_lease"
 
 logger = logging.getLogger("prefect_distrain")
@@ -49,6 +52,8 @@ class RunStorage:
     storage: str
     run_name: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: How uploads and record writes are retried (``CheckpointConfig(upload_retries=...)``).
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "storage", fsutil.absolute_url(self.storage))
@@ -57,8 +62,12 @@ class RunStorage:
     def run_url(self) -> str:
         return self.storage.rstrip("/") + "/" + self.run_name
 
-    def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        return fsutil.filesystem(self.run_url, self.storage_options)
+    def filesystem(self, fresh: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The run's filesystem; ``fresh``: a new instance, not fsspec's cached one (a new
+        client that looks its credentials up again)."""
+        options = {**self.storage_options, "skip_instance_cache": True} if fresh \
+            else self.storage_options
+        return fsutil.filesystem(self.run_url, options)
 
     def path(self, *parts: str) -> str:
         """The filesystem path of ``<run>/<parts...>``."""
@@ -75,14 +84,31 @@ class RunStorage:
 
     # -- records ----------------------------------------------------------------------------------
 
-    def write_json(self, record: dict, *parts: str) -> None:
-        """A JSON record at ``<run>/<parts...>``, replaced atomically."""
-        fsutil.atomic_write(self.filesystem()[0], self.path(*parts), fsutil.dumps_json(record))
+    def write_json(self, record: dict, *parts: str, on_retry: Callable[[], None] | None = None
+                   ) -> None:
+        """A JSON record at ``<run>/<parts...>``, replaced atomically (retried)."""
+        data, path = fsutil.dumps_json(record), self.path(*parts)
+        with_retries(f"writing {'/'.join(parts)}", self.retry,
+                     lambda fresh: fsutil.atomic_write(self.filesystem(fresh)[0], path, data),
+                     on_retry)
 
-    def create_json(self, record: dict, *parts: str) -> bool:
+    def create_json(self, record: dict, *parts: str,
+                    on_retry: Callable[[], None] | None = None) -> bool:
         """A new JSON record at ``<run>/<parts...>``; False if one is there already."""
-        return fsutil.create_exclusive(self.filesystem()[0], self.path(*parts),
-                                       fsutil.dumps_json(record))
+        return self._create(self.path(*parts), fsutil.dumps_json(record), "/".join(parts),
+                            on_retry)
+
+    def _create(self, path: str, data: bytes, what: str,
+                on_retry: Callable[[], None] | None) -> bool:
+        """Exclusive create, retried; after a retry, a file that is there with exactly our
+        bytes is ours (the try before wrote it, and its answer was lost)."""
+        def attempt(fresh: bool) -> bool:
+            fs = self.filesystem(fresh)[0]
+            if fsutil.create_exclusive(fs, path, data):
+                return True
+            return fresh and fsutil.read_bytes(fs, path) == data
+
+        return with_retries(f"writing {what}", self.retry, attempt, on_retry)
 
     def read_json(self, *parts: str) -> dict | None:
         """The JSON record at ``<run>/<parts...>``; None if there is none or it is unreadable
@@ -100,17 +126,23 @@ class RunStorage:
             return None
         return record
 
+    def write_text(self, text: str, *parts: str) -> None:
+        """A text file at ``<run>/<parts...>`` (a hang's forensics, say), replaced atomically."""
+        fsutil.atomic_write(self.filesystem()[0], self.path(*parts), text.encode())
+
     def names(self, *parts: str) -> list[str]:
         """The names in ``<run>/<parts...>`` (the run's own folder with no parts)."""
         return fsutil.list_names(self.filesystem()[0], self.path(*parts))
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def upload(self, local_dir: str, index: int, attempt: int, rank: int) -> dict[str, FileEntry]:
+    def upload(self, local_dir: str, index: int, attempt: int, rank: int,
+               on_retry: Callable[[], None] | None = None) -> dict[str, FileEntry]:
         """Copy a local checkpoint directory into the folder of (index, attempt).
 
         Returns each file's size, sha256 and rank, for the manifest. Files go up in one
-        ``fs.put`` call, which object stores run concurrently and in multipart.
+        ``fs.put`` call, which object stores run concurrently and in multipart; a transient
+        failure puts them all again (on a fresh filesystem), up to the retry policy.
         """
         files: dict[str, FileEntry] = {}
         local_paths, remote_paths = [], []
@@ -124,13 +156,17 @@ class RunStorage:
                 files[relative] = FileEntry(size, sha256, rank)
                 local_paths.append(path)
                 remote_paths.append(f"{target}/{relative}")
-        fs, _ = self.filesystem()
-        try:
-            if fsutil.is_local(fs):
-                for remote in {p.rsplit("/", 1)[0] for p in remote_paths} | {target}:
-                    fs.makedirs(remote, exist_ok=True)
+
+        def put(fresh: bool) -> None:
+            fs, _ = self.filesystem(fresh)
+            for remote in {p.rsplit("/", 1)[0] for p in remote_paths} | {target}:
+                fsutil.ensure_folder(fs, remote)
             if local_paths:
                 fs.put(local_paths, remote_paths)
+
+        try:
+            with_retries(f"uploading checkpoint {index} from rank {rank}", self.retry, put,
+                         on_retry)
         except Exception as error:
             raise CheckpointUploadError(
                 f"uploading checkpoint {index} from rank {rank} to "
@@ -138,11 +174,13 @@ class RunStorage:
                 rank=rank) from error
         return files
 
-    def write_manifest(self, manifest: Manifest) -> None:
-        """Commit: from now on the checkpoint exists. Written once, last and atomically; a
-        manifest that is already there (another writer's) is never replaced."""
+    def write_manifest(self, manifest: Manifest,
+                       on_retry: Callable[[], None] | None = None) -> None:
+        """Commit: from now on the checkpoint exists. Written once, last and atomically
+        (retried); a manifest that is already there (another writer's) is never replaced."""
         path = self.path(MANIFESTS, f"{manifest.directory}.json")
-        if not fsutil.create_exclusive(self.filesystem()[0], path, manifest.to_json()):
+        if not self._create(path, manifest.to_json(), f"{MANIFESTS}/{manifest.directory}.json",
+                            on_retry):
             raise FileExistsError(f"manifest {manifest.directory}.json exists already: another "
                                   "writer committed this checkpoint of this attempt")
 

@@ -20,17 +20,21 @@ from ..callbacks import TrainingCallback
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.fs import redact_url
 from ..checkpoints.manager import CheckpointManager
-from ..checkpoints.storage import RunStorage
+from ..checkpoints.storage import FORENSICS, RunStorage, driver_io
 from ..config import CheckpointConfig
+from ..exceptions import RunTimeoutError, TrainingHangError
 from ..logs import WorkerLogs
 from ..session.context import TrainContext
 from .dispatch import Callbacks
 from .failure_policy import Failure
 from .history import RunHistory
 from .iterations import Iterations, PendingCommits
-from .poll import poll_workers
+from .poll import Watch, poll_workers
 from .worker_errors import worker_failure
 from .worker_group import WorkerGroup
+
+#: How long the ranks have to show their stacks when the attempt hangs.
+_STACKS_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -59,6 +63,11 @@ class RunSpec:
     is_backend_failure: Callable[[BaseException], bool] = lambda error: False
     fatal_exceptions: tuple[type[BaseException], ...] = ()
     logs: WorkerLogs | None = None
+    #: ``FailureConfig.hang_timeout_s``; the run's deadline (``time.monotonic()``) and its
+    #: length (``RunConfig.timeout_s``).
+    hang_timeout_s: float | None = None
+    deadline: float | None = None
+    timeout_s: float | None = None
 
     @property
     def first_index(self) -> int:
@@ -99,6 +108,8 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
             "checkpoint_mode": spec.checkpoint_config.mode,
             "datasets": spec.dataset_shards[m.info.world_rank] if spec.dataset_shards else {},
             "await_verdicts": any(c.exact_stop for c in spec.callbacks),
+            "progress_every_s": min(5.0, spec.hang_timeout_s / 4)
+            if spec.hang_timeout_s else None,
         }
         for m in group.members
     ]
@@ -113,10 +124,16 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
                    world_size=len(group), backend=spec.backend_name, run_name=spec.storage.run_name,
                    attempt=spec.attempt, storage=spec.storage)
     config = spec.config if spec.config is not None else {}
+    watch = Watch(hang_timeout_s=spec.hang_timeout_s, deadline=spec.deadline, logger=logger,
+                  on_hang=lambda ranks, quiet: _hang(group, spec, iterations, ranks, quiet,
+                                                     logger),
+                  on_deadline=lambda: group.request_stop(
+                      f"the run's deadline of {spec.timeout_s:g} s passed "
+                      "(RunConfig(timeout_s))", iterations.highest))
     generators = group.run(fn_ref, spec.takes_config, config, session_args)
     try:
         status = poll_workers(generators, iterations, commits, callbacks, spec.logs,
-                              spec.checkpoints, spec.should_resize)
+                              spec.checkpoints, spec.should_resize, watch)
     except BaseException:
         _end(group, callbacks, error=True)
         raise
@@ -128,6 +145,14 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     if status.resize_after is not None:
         _end(group, callbacks, error=False)
         return RunOutcome(resize_after=status.resize_after)
+    if status.timed_out:
+        _end(group, callbacks, error=True)
+        raise RunTimeoutError(
+            f"the run's deadline of {spec.timeout_s:g} s (RunConfig(timeout_s)) passed: every "
+            "rank was stopped"
+            + (f", ranks {list(status.unfinished)} after the grace period"
+               if status.unfinished else " at its next report")
+            + "; what it committed stays (resume_from_checkpoint='latest' goes on from there)")
     iterations.flush(stopped=callbacks.stop_reason is not None)
     if status.unfinished:  # stopped, but these ranks never reached a report (in a collective)
         logger.warning("Ranks %s did not stop within %g s of the stop; ending them",
@@ -140,6 +165,40 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     if callbacks.error is not None:
         raise callbacks.error
     return RunOutcome(list(status.returns), callbacks.stop_reason)
+
+
+def _hang(group: WorkerGroup, spec: RunSpec, iterations: Iterations, ranks: list[int],
+          quiet: dict[int, float], logger: logging.Logger) -> TrainingHangError:
+    """The error of a hang, with every rank's stack as its forensics (also logged and written
+    to ``<run>/forensics/``)."""
+    stacks = group.stacks(timeout=_STACKS_TIMEOUT_S)
+    lines = [f"Ranks {ranks} made no progress for {spec.hang_timeout_s:g} s "
+             f"(FailureConfig(hang_timeout_s)), attempt {spec.attempt}."]
+    for rank, stack in enumerate(stacks):
+        last = iterations.last.get(rank)
+        lines += ["", f"== rank {rank}: quiet for {quiet.get(rank, 0.0):.0f} s, last report "
+                      f"{'none' if last is None else f'iteration {last}'}", stack.rstrip()]
+    forensics = "\n".join(lines)
+    logger.error("%s Where each rank is:\n%s", lines[0],
+                 "\n".join(f"  rank {r}: {_innermost(s)}" for r, s in enumerate(stacks)))
+    name = f"attempt_{spec.attempt:05d}-hang.txt"
+    try:
+        with driver_io("writing the hang's forensics", spec.storage):
+            spec.storage.write_text(forensics, FORENSICS, name)
+    except Exception as error:  # noqa: BLE001 - the hang's own error matters more
+        logger.warning("Could not write the forensics: %s", error)
+    return TrainingHangError(
+        f"ranks {ranks} made no progress for {spec.hang_timeout_s:g} s (a collective waiting "
+        f"for a peer, a deadlock, a loader that never yields); every rank's stack is in the "
+        f"run's summary and in {redact_url(spec.storage.run_url)}/{FORENSICS}/{name}",
+        ranks=ranks, forensics=forensics)
+
+
+def _innermost(stack: str) -> str:
+    """The innermost frame of the first thread (the training function's), as one line."""
+    first = stack.split("\nThread ", 1)[0]
+    frames = [line.strip() for line in first.splitlines() if line.strip().startswith("File ")]
+    return frames[-1] if frames else (first.strip().splitlines() or ["?"])[0]
 
 
 def _end(group: WorkerGroup, callbacks: Callbacks, error: bool) -> None:

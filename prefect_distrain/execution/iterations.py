@@ -43,6 +43,10 @@ class PendingCommits:
         #: The index of the last checkpoint committed in this attempt.
         self.last_committed: int | None = None
 
+    def retried(self, retries: int) -> None:
+        """A rank's upload retries (counted for the attempt ledger)."""
+        self.spec.checkpoints.retries.uploads += retries
+
     def uploaded(self, index: int, rank: int, files: dict[str, FileEntry]) -> None:
         self.waiting.setdefault(index, {"files": {}})["files"][rank] = files
         self._commit_if_ready(index)
@@ -92,8 +96,10 @@ class Iterations:
         self.last[rank] = iteration
         self.highest = max(self.highest, iteration)
         upload = report["upload"]
-        if upload is not None and upload["files"] is not None:  # a sync upload
-            self.commits.uploaded(upload["index"], rank, upload["files"])
+        if upload is not None:
+            self.commits.retried(upload["retries"])
+            if upload["files"] is not None:  # a sync upload
+                self.commits.uploaded(upload["index"], rank, upload["files"])
         ranks = self.pending.setdefault(iteration, {})
         ranks[rank] = report
         if len(ranks) == self.world_size:

@@ -1,10 +1,12 @@
 """Reading the workers while they train: every rank's outbox until each returns or fails.
 
 ``poll_workers`` hands each report to ``Iterations``, each finished upload to
-``PendingCommits``, each log line to ``WorkerLogs``, and returns a frozen ``PollStatus``: what
-every rank returned or raised, the ranks a stop had to end, or the checkpoint after which an
-elastic group should grow back. After the first failure it waits only a short window for the
-other ranks' outcomes (PREFECT_DISTRAIN_ERROR_GATHER_TIMEOUT_S); after a stop, the grace period.
+``PendingCommits``, each log line to ``WorkerLogs``, each progress message to the ``Watch``
+(hangs, stragglers, the deadline), and returns a frozen ``PollStatus``: what every rank
+returned or raised, the ranks a stop had to end, the checkpoint after which an elastic group
+should grow back, or that the deadline passed. After the first failure it waits only a short
+window for the other ranks' outcomes (PREFECT_DISTRAIN_ERROR_GATHER_TIMEOUT_S); after a stop or
+the deadline, the grace period (PREFECT_DISTRAIN_STOP_GRACE_S).
 """
 
 from __future__ import annotations
@@ -40,12 +42,73 @@ class PollStatus:
     unfinished: tuple[int, ...] = ()
     #: The checkpoint after which an elastic group running small should grow back.
     resize_after: int | None = None
+    #: The run's deadline passed: the ranks were stopped (or ended after the grace period).
+    timed_out: bool = False
+
+
+@dataclass
+class Watch:
+    """What the driver watches besides the workers' outcomes: hangs, stragglers, the deadline.
+
+    ``hang_timeout_s``: a running rank without progress this long hangs the attempt:
+    ``on_hang(ranks, quiet_s)`` returns the error to raise (having gathered the forensics); a
+    rank quiet for half of it is a straggler, logged once. ``deadline`` (``time.monotonic()``):
+    when it passes, ``on_deadline()`` asks every rank to stop."""
+
+    hang_timeout_s: float | None = None
+    on_hang: Callable[[list[int], dict[int, float]], BaseException] | None = None
+    deadline: float | None = None
+    on_deadline: Callable[[], None] | None = None
+    logger: Any = None
+    _last: dict[int, float] = field(default_factory=dict)
+    _counts: dict[int, int] = field(default_factory=dict)
+    _warned: set[int] = field(default_factory=set)
+
+    def started(self, ranks: list[int]) -> None:
+        now = time.monotonic()
+        self._last = {rank: now for rank in ranks}
+
+    def progressed(self, rank: int, payload: dict | None = None) -> None:
+        """A report (``payload`` None) or a progress message from ``rank``."""
+        if payload is not None and payload["busy"] is None \
+                and payload["count"] == self._counts.get(rank):
+            return
+        if payload is not None:
+            self._counts[rank] = payload["count"]
+        self._last[rank] = time.monotonic()
+
+    def check(self, running: list[int]) -> None:
+        """Raise the hang's error, or log a straggler, among the ranks still running."""
+        if self.hang_timeout_s is None or not running:
+            return
+        now = time.monotonic()
+        quiet = {r: now - self._last.get(r, now) for r in running}
+        hung = sorted(r for r, q in quiet.items() if q > self.hang_timeout_s)
+        if hung:
+            raise self.on_hang(hung, quiet)
+        half = self.hang_timeout_s / 2
+        for rank in sorted(r for r, q in quiet.items() if q > half and r not in self._warned):
+            moving = [r for r, q in quiet.items() if q <= half]
+            if moving and self.logger is not None:
+                self._warned.add(rank)
+                self.logger.warning(
+                    "Rank %d has made no progress for %.0f s while ranks %s have: a straggler "
+                    "(a slow node, a long data load) or a hang beginning; it is ended after "
+                    "FailureConfig(hang_timeout_s=%g)", rank, quiet[rank], moving,
+                    self.hang_timeout_s)
+
+    def deadline_passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 def poll_workers(generators: list, iterations: Iterations, commits: PendingCommits,
                  callbacks: Callbacks, logs: WorkerLogs | None, checkpoints: CheckpointManager,
-                 should_resize: Callable[[], bool] | None = None) -> PollStatus:
+                 should_resize: Callable[[], bool] | None = None,
+                 watch: Watch | None = None) -> PollStatus:
+    watch = watch or Watch()
     pending = {gen: rank for rank, gen in enumerate(generators)}
+    watch.started(list(pending.values()))
+    timed_out = False
     returns: list[Any] = [None] * len(generators)
     errors: dict[int, Any] = {}
     finished: dict[int, int] = {}  # rank -> its last iteration, once its function returned
@@ -55,7 +118,12 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
         if callbacks.error is not None:
             raise callbacks.error
         checkpoints.check_lease(look=False)
-        if callbacks.stop_reason is not None and gather_deadline is None:
+        if not errors and gather_deadline is None:
+            watch.check(sorted(pending.values()))
+        if not timed_out and watch.deadline_passed():
+            timed_out = True
+            watch.on_deadline()
+        if (callbacks.stop_reason is not None or timed_out) and gather_deadline is None:
             gather_deadline = time.monotonic() + settings.settings().stop_grace_s
         wait = POLL_S
         if gather_deadline is not None:
@@ -79,11 +147,15 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
                 batch = [("error", error.as_instanceof_cause())]
             for kind, payload in batch:
                 if kind == "report":
+                    watch.progressed(rank)
                     iterations.add(rank, payload)
+                elif kind == "progress":
+                    watch.progressed(rank, payload)
                 elif kind == "log":
                     if logs is not None:
                         logs.add(rank, payload)
                 elif kind == "persisted":
+                    commits.retried(payload["retries"])
                     commits.uploaded(payload["index"], rank, payload["files"])
                 else:
                     del pending[gen]
@@ -103,4 +175,5 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
             looked_after = committed
             if should_resize():
                 return PollStatus(tuple(returns), resize_after=committed)
-    return PollStatus(tuple(returns), errors, tuple(sorted(pending.values())))
+    return PollStatus(tuple(returns), errors, tuple(sorted(pending.values())),
+                      timed_out=timed_out)

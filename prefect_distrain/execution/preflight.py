@@ -16,7 +16,7 @@ import contextlib
 import uuid
 from typing import Callable, Iterator
 
-from ..checkpoints.fs import brief, is_local, redact_url
+from ..checkpoints.fs import brief, ensure_folder, redact_url
 from ..checkpoints.storage import RunStorage
 from ..exceptions import ConfigurationError
 from .worker_group import WorkerGroup
@@ -38,8 +38,7 @@ def _write_marker(storage: RunStorage) -> str:
     marker = f"{root.rstrip('/')}/.visible-{uuid.uuid4().hex}"
     shown = redact_url(storage.run_url)
     try:
-        if is_local(fs):
-            fs.makedirs(root, exist_ok=True)
+        ensure_folder(fs, root)
         fs.pipe_file(marker, b"prefect-distrain storage check\n")
     except FileNotFoundError as error:
         raise ConfigurationError(

@@ -24,6 +24,7 @@ from ..checkpoints.fs import redact_url
 from ..checkpoints.lease import holder_identity
 from ..checkpoints.ledger import AttemptLedger
 from ..checkpoints.manager import CheckpointManager
+from ..checkpoints.retry import RetryPolicy
 from ..checkpoints.storage import RunStorage
 from ..config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, run_name_part
 from ..exceptions import ConfigurationError
@@ -104,8 +105,10 @@ class Trainer:
         #: Who writes the runs of this trainer (the run's lease names it); ``train`` adds
         #: Prefect's flow and task run ids.
         self.holder: dict[str, Any] = holder_identity()
-        #: What the current (or last) fit reported, also after a failure (for its summary).
+        #: What the current (or last) fit reported, also after a failure (for its summary), and
+        #: the forensics of its hangs (every rank's stack).
         self.history = RunHistory()
+        self.forensics: list[str] = []
         self._cluster_checked = False
         self.ray_address = ray_address
         self.ray_init_kwargs = ray_init_kwargs
@@ -211,9 +214,13 @@ class Trainer:
         if total and show_bar:
             callbacks.append(RichProgress(total, self.run_config.progress_key))
         url, options = self.run_config.resolved_storage()
-        storage = RunStorage(url, self.run_config.name or _default_run_name(train_func), options)
+        retry = RetryPolicy(retries=self.checkpoint_config.upload_retries,
+                            backoff_max_s=self.checkpoint_config.upload_backoff_max_s)
+        storage = RunStorage(url, self.run_config.name or _default_run_name(train_func), options,
+                             retry=retry)
         self.storage = storage
         self.history = RunHistory()
+        self.forensics = []
         manager = CheckpointManager(storage, self.checkpoint_config, self.logger)
         self.checkpoints = manager
         try:
@@ -229,7 +236,10 @@ class Trainer:
                 storage=storage, backend_name=self.backend.name, checkpoints=manager,
                 checkpoint_config=self.checkpoint_config, callbacks=callbacks,
                 history=self.history, is_backend_failure=self.backend.is_runtime_failure,
-                fatal_exceptions=self.failure_config.fatal_exceptions, logs=self.worker_logs)
+                fatal_exceptions=self.failure_config.fatal_exceptions, logs=self.worker_logs,
+                hang_timeout_s=self.failure_config.hang_timeout_s,
+                timeout_s=self.run_config.timeout_s,
+                deadline=began + self.run_config.timeout_s if self.run_config.timeout_s else None)
             return self._attempts(spec, resume_from_checkpoint,
                                   resolve_datasets(datasets, storage.run_url,
                                                    storage.storage_options),
@@ -243,7 +253,8 @@ class Trainer:
         """Start the group and run the function until it completes, restarting it as the
         failure policy decides (and to grow an elastic group back)."""
         manager, history = spec.checkpoints, spec.history
-        ledger = AttemptLedger(spec.storage, manager.lease.generation if manager.lease else None)
+        ledger = AttemptLedger(spec.storage, manager.lease.generation if manager.lease else None,
+                               on_retry=manager.retries.driver_retried)
         previous = _failure_of_last_attempt(ledger.records())
         restarts, restart_cause, grow = 0, None, False
         resume: Checkpoint | None = None
@@ -258,6 +269,7 @@ class Trainer:
             record = ledger.begin(world_size=len(group), resumed_from=resume,
                                   restart_cause=restart_cause, at_least=attempt + 1)
             attempt = record["attempt"]
+            retries_before = manager.retries.snapshot()
             spec.attempt, spec.resume_from = attempt, resume
             spec.dataset_shards = split_datasets(
                 datasets, len(group), data_config,
@@ -274,7 +286,8 @@ class Trainer:
                                  f"checkpoint {outcome.resize_after}")
                 self._discard_group()
                 grow = True
-                self._end_attempt(ledger, record, "scaled up", restart_cause)
+                self._end_attempt(ledger, record, "scaled up", restart_cause,
+                                  retries=_since(manager, retries_before))
                 self.logger.info("The cluster can hold %d workers again: restarting from "
                                  "checkpoint %d", self.scaling.num_workers, outcome.resize_after)
                 continue
@@ -282,10 +295,13 @@ class Trainer:
                 error, failure = outcome.error, outcome.failure
                 self._discard_group()
                 grow = False
+                if getattr(error, "forensics", None):
+                    self.forensics.append(error.forensics)
                 infrastructure, why = classify(failure, previous)
                 _mark(error, infrastructure, why, failure.repeats(previous))
                 cause = f"{type(error).__name__}: {error}"[:300]
-                self._end_attempt(ledger, record, "failed", cause, error, failure)
+                self._end_attempt(ledger, record, "failed", cause, error, failure,
+                                  retries=_since(manager, retries_before))
                 max_failures = self.failure_config.max_failures
                 if decide(failure, previous, restarts, max_failures) is Decision.RAISE:
                     if infrastructure and max_failures:
@@ -300,7 +316,7 @@ class Trainer:
             if not group.started:  # a stop ended ranks that did not reach a report
                 self._discard_group()
             self._end_attempt(ledger, record, "stopped" if outcome.stopped else "completed",
-                              outcome.stopped)
+                              outcome.stopped, retries=_since(manager, retries_before))
             break
         best = [c.without_credentials() for c in manager.best_checkpoints()]
         latest = manager.latest()
@@ -324,9 +340,12 @@ class Trainer:
 
     def _end_attempt(self, ledger: AttemptLedger, record: dict[str, Any], status: str,
                      cause: str | None, error: BaseException | None = None,
-                     failure: Failure | None = None) -> None:
-        """Record how the attempt ended; a failure to write it never hides the run's own
-        error (it is logged, and noted on that error)."""
+                     failure: Failure | None = None,
+                     retries: dict[str, int] | None = None) -> None:
+        """Record how the attempt ended (and the storage retries it needed); a failure to
+        write it never hides the run's own error (it is logged, and noted on that error)."""
+        if retries is not None:
+            record = {**record, "storage_retries": retries}
         if failure is not None:
             record = {**record, "failure": {"kind": failure.kind, "type": failure.type,
                                             "message": failure.message[:MESSAGE_LIMIT],
@@ -346,7 +365,13 @@ class Trainer:
         """What the last fit shows when it ends (``train`` publishes it to Prefect)."""
         return RunReport(storage=self.storage, backend=self.backend.name,
                          history=self.history.rank0, wall_time_s=wall_time_s, result=result,
-                         error=error, tails={r: list(t) for r, t in self.worker_logs.tails.items()})
+                         error=error, tails={r: list(t) for r, t in self.worker_logs.tails.items()},
+                         forensics=list(self.forensics))
+
+
+def _since(manager: CheckpointManager, before: dict[str, int]) -> dict[str, int]:
+    now = manager.retries.snapshot()
+    return {kind: now[kind] - before[kind] for kind in now}
 
 
 def _failure_of_last_attempt(records: list[dict[str, Any]]) -> Failure | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -61,6 +62,20 @@ class TrainWorker:
         """The training function ends at report ``at`` (or its next)."""
         self.session.request_stop(reason, at)
 
+    def stacks(self) -> str:
+        """Every thread's Python stack, the training function's first (for a hang's forensics;
+        a thread blocked in a collective shows the call it is blocked in)."""
+        frames = sys._current_frames()
+        threads = sorted(threading.enumerate(),
+                         key=lambda t: (not t.name.startswith("train-loop"), t.name))
+        parts = []
+        for thread in threads:
+            frame = frames.get(thread.ident)
+            if frame is None or thread.ident == threading.get_ident():
+                continue
+            parts.append(f"Thread {thread.name!r}:\n" + "".join(traceback.format_stack(frame)))
+        return "\n".join(parts)
+
     def run(self, fn_blob: bytes, pass_config: bool, config: Any,
             session_args: dict[str, Any]) -> Iterator:
         """Run the training function in a thread and yield its outbox: reports, log lines and
@@ -84,6 +99,10 @@ class TrainWorker:
                 session.outbox.put(("error", describe_error(error, rank)))
 
         threading.Thread(target=target, name=f"train-loop-rank-{rank}", daemon=True).start()
+        ended = threading.Event()
+        if session.progress_every_s:
+            threading.Thread(target=_tell_progress, args=(session, ended), daemon=True,
+                             name=f"progress-rank-{rank}").start()
         try:
             while True:
                 batch = _next_batch(session.outbox)
@@ -91,7 +110,19 @@ class TrainWorker:
                 if batch[-1][0] in ("done", "error"):
                     return
         finally:
+            ended.set()
             set_current_session(None)
+
+
+def _tell_progress(session: Session, ended: threading.Event) -> None:
+    """Every few seconds, the rank's progress for the driver's hang detection: sent when it
+    moved, or while the rank is busy outside the training code."""
+    told = -1
+    while not ended.wait(session.progress_every_s):
+        count, busy = session.progress, session.busy
+        if count != told or busy is not None:
+            session.outbox.put(("progress", {"count": count, "busy": busy}))
+            told = count
 
 
 def _next_batch(outbox: queue.Queue) -> list[tuple[str, Any]]:

@@ -107,6 +107,18 @@ class WorkerGroup:
         for member in self.members:
             member.actor.judge.remote(iteration, stop_reason)
 
+    def stacks(self, timeout: float) -> list[str]:
+        """Every rank's Python stacks, in rank order (what a rank could not tell, why)."""
+        refs = [m.actor.stacks.remote() for m in self.members]
+        found = []
+        for rank, ref in enumerate(refs):
+            try:
+                found.append(ray.get(ref, timeout=timeout))
+            except Exception as error:  # noqa: BLE001 - a hang's report must not fail
+                found.append(f"(rank {rank} did not answer within {timeout:g} s: "
+                             f"{type(error).__name__})")
+        return found
+
     def request_stop(self, reason: str, at: int) -> None:
         """Tell every worker to end its training function at report ``at`` (or its next)."""
         for member in self.members:

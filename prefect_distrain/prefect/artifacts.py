@@ -177,7 +177,8 @@ def metrics_svg(series: dict[str, list[float]], width: int = 640, height: int = 
 def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict[str, Any]],
                         wall_time_s: float, result: TrainResult | None = None,
                         error: BaseException | None = None,
-                        tails: dict[int, Any] | None = None) -> str:
+                        tails: dict[int, Any] | None = None,
+                        forensics: list[str] | None = None) -> str:
     """The markdown summary of a finished run, successful or not; returns the markdown."""
     attempts = read_attempts(storage)
     status = "completed" if error is None else "failed"
@@ -218,6 +219,8 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
             lines += ["```", str(cause).strip()[-6000:], "```", ""]
         for rank, tail in sorted((tails or {}).items()):
             lines += [f"### Last log lines of rank {rank}", "", "```", *list(tail), "```", ""]
+    for hang in forensics or []:  # also when a restart got the run through
+        lines += ["## A hang, and where every rank was", "", "```", hang[-12000:], "```", ""]
     markdown = "\n".join(lines)
     create_markdown_artifact(markdown=markdown, key=f"{artifact_key(storage.run_name)}-summary",
                              description=f"Summary of training run {storage.run_name!r}")
@@ -231,7 +234,8 @@ def publish_run(report: RunReport, logger: Any) -> None:
         publish_attempt_ledger(report.storage)
         publish_run_summary(storage=report.storage, backend=report.backend,
                             history=report.history, wall_time_s=report.wall_time_s,
-                            result=report.result, error=report.error, tails=report.tails)
+                            result=report.result, error=report.error, tails=report.tails,
+                            forensics=report.forensics)
         final = _shown_metrics(report.history[-1] if report.history else {})
         if report.error is None:
             result = report.result

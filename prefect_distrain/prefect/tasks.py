@@ -22,11 +22,12 @@ The task holds no state of its own: everything lives in the Trainer it builds an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -37,6 +38,7 @@ from ..backends import BackendConfig
 from ..callbacks import TrainingCallback
 from ..checkpoints.checkpoint import Checkpoint
 from ..config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, run_name_part
+from ..exceptions import ConfigurationError
 from ..execution.failure_policy import is_retryable
 from ..execution.trainer import Trainer
 from ..integrations.data import DataConfig
@@ -92,6 +94,28 @@ def _stable_run_name(train_loop: Callable, identity: tuple) -> str | None:
         name += f"-{duplicate}" if duplicate else ""
         _names_by_task_run[task_run.id] = name
         return name
+
+
+@contextlib.contextmanager
+def _slots(scaling: ScalingConfig, logger: Any) -> Iterator[None]:
+    """The run's slots of ``ScalingConfig.concurrency_limit``, held while it trains."""
+    if scaling.concurrency_limit is None:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    logger.info("Waiting for %d slot(s) of concurrency limit %r", scaling.slots,
+                scaling.concurrency_limit)
+    try:
+        with concurrency(scaling.concurrency_limit, occupy=scaling.slots, strict=True):
+            yield
+    except Exception as error:
+        if type(error).__name__ == "ConcurrencySlotAcquisitionError":
+            raise ConfigurationError(
+                f"ScalingConfig(concurrency_limit={scaling.concurrency_limit!r}): {error}. "
+                f"Create it first: prefect gcl create {scaling.concurrency_limit} --limit N"
+            ) from error
+        raise
 
 
 def _is_prefect_retry() -> bool:
@@ -161,7 +185,7 @@ def train(
         shown.append(PrefectProgress(run.total, run.progress_key))
     result, error = None, None
     try:
-        with trainer:
+        with _slots(trainer.scaling, logger), trainer:
             result = trainer.fit(train_loop, config=config, callbacks=[*(callbacks or []), *shown],
                                  resume_from_checkpoint=resume_from_checkpoint,
                                  datasets=datasets, data_config=data_config)

@@ -22,10 +22,11 @@ This module never imports Prefect: workers stay light and start fast.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.storage import RunStorage
@@ -40,7 +41,8 @@ class Session:
 
     def __init__(self, context: TrainContext, storage: RunStorage, resume_from: Checkpoint | None,
                  iteration: int = 0, upload: str = "sync", datasets: dict[str, Any] | None = None,
-                 checkpoint_mode: str = "manual", await_verdicts: bool = False):
+                 checkpoint_mode: str = "manual", await_verdicts: bool = False,
+                 progress_every_s: float | None = None):
         self.context = context
         self.storage = storage
         #: The checkpoint to resume from (``get_checkpoint()``), fixed while the function runs.
@@ -64,6 +66,26 @@ class Session:
         self._committed = 0
         self._judged = 0
         self._driver = threading.Condition()
+        #: Progress for the driver's hang detection: reports and steps through prepared data
+        #: loaders, and what the rank waits for when it is busy outside the training code.
+        self.progress = 0
+        self.busy: str | None = None
+        #: How often the worker tells the driver its progress (None: hang detection is off).
+        self.progress_every_s = progress_every_s
+
+    def step(self) -> None:
+        """A training step went by (a batch of a prepared loader): progress, for the driver."""
+        self.progress += 1
+
+    @contextlib.contextmanager
+    def busy_with(self, what: str) -> Iterator[None]:
+        """Outside the training code (an upload, a wait for the driver): not a hang."""
+        self.busy = what
+        try:
+            yield
+        finally:
+            self.busy = None
+            self.progress += 1
 
     # -- the training function's side ------------------------------------------------------
 
@@ -81,6 +103,7 @@ class Session:
             raise TypeError(f"report() metric names must be strings, got {bad_keys!r}")
         if self.auto.replaying:
             return  # a pass done before the restart: its report was delivered then
+        self.progress += 1
         self.auto.note(dict(metrics))
         now = time.time()
         self.iteration += 1
@@ -103,9 +126,11 @@ class Session:
                                         "awaits_verdict": awaits}))
             return
         index = self.iteration
-        files = self.uploader.upload(index, checkpoint)
+        with self.busy_with(f"uploading checkpoint {index}"):
+            files = self.uploader.upload(index, checkpoint)
         self.outbox.put(("report", {"metrics": result, "awaits_verdict": awaits,
-                                    "upload": {"index": index, "files": files}}))
+                                    "upload": {"index": index, "files": files,
+                                               "retries": self.uploader.take_retries()}}))
         if files is not None:  # sync: returns once committed
             self._wait_for_driver(lambda: self._committed >= index)
 
@@ -113,7 +138,8 @@ class Session:
         """After the training function returns: in mode "auto" its final state is committed;
         its last upload must land or fail loudly."""
         self.auto.finish()
-        self.uploader.wait()
+        with self.busy_with("waiting for its last upload"):
+            self.uploader.wait()
         self.uploader.raise_failed()
 
     # -- the driver's side (called on the actor's second thread) -----------------------------
@@ -143,5 +169,5 @@ class Session:
             self.stop_at, self.stop_reason = at, reason
 
     def _wait_for_driver(self, done: Callable[[], bool]) -> None:
-        with self._driver:
+        with self.busy_with("waiting for the driver"), self._driver:
             self._driver.wait_for(done)

@@ -33,6 +33,8 @@ class Uploader:
         self.outbox = outbox
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        #: Retries of this rank's uploads not yet told to the driver.
+        self.retries = 0
 
     def upload(self, index: int, checkpoint: Checkpoint) -> dict[str, FileEntry] | None:
         """Sync: the files as uploaded. Async: None once they are staged; their upload sends
@@ -40,7 +42,8 @@ class Uploader:
         folder, ours = self._source(checkpoint)
         if self.mode == "sync":
             try:
-                return self.storage.upload(folder, index, self.attempt, self.rank)
+                return self.storage.upload(folder, index, self.attempt, self.rank,
+                                           on_retry=self._retried)
             finally:
                 if ours:
                     shutil.rmtree(folder, ignore_errors=True)
@@ -53,6 +56,14 @@ class Uploader:
                                         name=f"checkpoint-upload-{index}", daemon=True)
         self._thread.start()
         return None
+
+    def _retried(self) -> None:
+        self.retries += 1
+
+    def take_retries(self) -> int:
+        """The retries since the last time they were taken (to go with a message)."""
+        taken, self.retries = self.retries, 0
+        return taken
 
     def wait(self) -> None:
         """Until the upload in flight (if any) has ended."""
@@ -78,8 +89,10 @@ class Uploader:
 
     def _upload_in_background(self, staged: str, index: int) -> None:
         try:
-            files = self.storage.upload(staged, index, self.attempt, self.rank)
-            self.outbox.put(("persisted", {"index": index, "files": files}))
+            files = self.storage.upload(staged, index, self.attempt, self.rank,
+                                        on_retry=self._retried)
+            self.outbox.put(("persisted", {"index": index, "files": files,
+                                           "retries": self.take_retries()}))
         except BaseException as error:  # noqa: BLE001 - raised by the next report() / finish()
             self._error = error
         finally:
