@@ -27,7 +27,7 @@ def train_loop(config):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = pd.tensorflow.strategy()  # MultiWorkerMirroredStrategy over the run's workers
     digits = load_digits()
     x = (digits.data / 16.0).astype("float32")
     y = digits.target.astype("int64")

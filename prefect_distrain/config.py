@@ -271,11 +271,20 @@ class FailureConfig:
     logged as a straggler. 600 s by default: longer than a slow first step or a long
     evaluation between reports, far shorter than torch's 30-minute collective timeout. None
     turns it off.
+
+    Preemption: SIGTERM to a worker (a spot reclaim, a node drain, an eviction) makes
+    ``pd.get_context().preemption_requested()`` True on every rank; each rank's next
+    ``report`` commits its checkpoint and ends the function, within ``preemption_grace_s``
+    (25 s: inside Kubernetes' default 30 s before SIGKILL), and the group restarts from that
+    checkpoint. Such restarts count against ``max_preemption_failures`` (-1: no limit), not
+    ``max_failures``. SIGTERM to the driver does the same and then ends the run, resumable.
     """
 
     max_failures: int = 0
     fatal_exceptions: tuple[type[BaseException], ...] = ()
     hang_timeout_s: float | None = 600.0
+    preemption_grace_s: float = 25.0
+    max_preemption_failures: int = -1
 
     def __post_init__(self) -> None:
         if self.hang_timeout_s is not None and (
@@ -284,6 +293,17 @@ class FailureConfig:
             raise ConfigurationError(
                 f"hang_timeout_s must be a positive number of seconds, or None to turn hang "
                 f"detection off (got {self.hang_timeout_s!r})")
+        if not isinstance(self.preemption_grace_s, (int, float)) \
+                or isinstance(self.preemption_grace_s, bool) or self.preemption_grace_s <= 0:
+            raise ConfigurationError(
+                f"preemption_grace_s must be a positive number of seconds (got "
+                f"{self.preemption_grace_s!r}): the time a preempted run has to commit")
+        if not isinstance(self.max_preemption_failures, int) \
+                or isinstance(self.max_preemption_failures, bool) \
+                or self.max_preemption_failures < -1:
+            raise ConfigurationError(
+                f"max_preemption_failures must be -1 (no limit), 0 or more (got "
+                f"{self.max_preemption_failures!r})")
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise ConfigurationError(
                 f"max_failures must be -1 (no limit), 0 or more (got {self.max_failures!r})")

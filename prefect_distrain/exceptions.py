@@ -52,7 +52,9 @@ class WorkerError(DistrainError):
     """A worker raised an exception whose own type could not be rebuilt on the driver.
 
     The usual case keeps the original exception (its type, so ``except ValueError`` still
-    works); this one stands in when the type lives in a module only the worker can import.
+    works); this one stands in when the type lives in a module the driver has not imported
+    (only the worker can, or a framework such as TensorFlow that the driver never imports).
+    ``exc_type`` is the qualified name of the worker's type.
     """
 
     def __init__(self, message: str, *, rank: int, exc_type: str, traceback: str):
@@ -135,6 +137,23 @@ class TrainingHangError(DistrainError):
 class RunTimeoutError(DistrainError):
     """The run's deadline (``RunConfig(timeout_s)``) passed: it was stopped, what it committed
     stays. Not retried: a retry would meet the same deadline."""
+
+
+class PreemptionError(DistrainError):
+    """A worker (or the driver) was told to stop by SIGTERM: a spot reclaim, a node drain, an
+    eviction. What it committed in the grace period stays; a worker's preemption restarts the
+    group within ``FailureConfig.max_preemption_failures`` (not ``max_failures``), the driver's
+    ends the run resumable (``resume_from_checkpoint="latest"``)."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, ranks: list[int] | None = None, driver: bool = False):
+        super().__init__(message)
+        self.ranks = ranks or []
+        self.driver = driver
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, {"ranks": self.ranks, "driver": self.driver}))
 
 
 class CheckpointCorruptError(DistrainError):

@@ -21,7 +21,8 @@ class TrainResult:
     (newest first without one). Checkpoints here carry no storage options, so no credentials
     are persisted with the result: ``resume_from_checkpoint`` adds the run's options back.
     ``attempt`` is the number of the attempt that finished (attempts count every start of the
-    worker group in this run, across Prefect retries); ``failures`` the restarts in this call.
+    worker group in this run, across Prefect retries); ``failures`` the restarts in this call
+    after failures, ``preemptions`` those after a worker was preempted.
     """
 
     metrics: dict[str, Any] | None
@@ -35,6 +36,7 @@ class TrainResult:
     best_checkpoints: list[tuple[Checkpoint, dict[str, Any]]] = field(default_factory=list)
     attempt: int = 0
     failures: int = 0
+    preemptions: int = 0
     #: Why a callback (e.g. EarlyStopping) ended the run before the function returned.
     stopped_early: str | None = None
     metrics_all_ranks: list[dict[str, Any]] = field(default_factory=list)

@@ -5,7 +5,7 @@ import prefect_distrain as pd
 
 def train_loop(config):
     import tensorflow as tf
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()     # TF_CONFIG is already set
+    strategy = pd.tensorflow.strategy()       # MultiWorkerMirroredStrategy; TF_CONFIG is set
     global_batch = config["batch_size"] * pd.get_context().get_world_size()
     with strategy.scope():
         checkpoint = pd.get_checkpoint()
@@ -27,16 +27,27 @@ import shutil
 import tempfile
 from typing import Any
 
-from .backends.tensorflow import TensorflowConfig, import_tensorflow
+from .backends.tensorflow import TIMEOUT_ENV, TensorflowConfig, import_tensorflow
 from .checkpoints.checkpoint import Checkpoint
 from .session import current_session, get_context, report
 
 tf = import_tensorflow()
 
-__all__ = ["ReportCheckpointCallback", "TensorflowConfig", "load_model", "next_epoch"]
+__all__ = ["ReportCheckpointCallback", "TensorflowConfig", "load_model", "next_epoch",
+           "strategy"]
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
+
+
+def strategy(**kwargs: Any):
+    """``tf.distribute.MultiWorkerMirroredStrategy(**kwargs)`` over the run's workers, with
+    ``TensorflowConfig(timeout_s)`` as its collective timeout when one is set."""
+    timeout = os.environ.get(TIMEOUT_ENV)
+    if timeout and "communication_options" not in kwargs:
+        kwargs["communication_options"] = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=float(timeout))
+    return tf.distribute.MultiWorkerMirroredStrategy(**kwargs)
 
 
 def load_model(checkpoint: Checkpoint, **kwargs: Any):

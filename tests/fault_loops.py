@@ -21,9 +21,14 @@ def deterministic_loop(config):
     attempt only. ``config["progress"]``: a file rank 0 writes the finished epoch to.
     With a ``"train"`` dataset, each epoch also reads this rank's shard of it (``shard_ids``).
     ``config["gates"]``: {epoch: path}: before that epoch, wait until the file exists (so a
-    test can change the cluster at a known point without racing the training).
+    test can change the cluster at a known point without racing the training); a preemption
+    opens it too.
     ``config["hang"]``: [epoch, rank]: on attempt 0 that rank sleeps for good at the start of
     that epoch, while its peer waits for it in the backward pass's allreduce.
+    ``config["preempt"]``: [epoch, step, rank]: on attempt 0 that rank is sent SIGTERM there.
+    With it, every step asks ``preemption_requested()`` and, once it is, commits a checkpoint
+    of that step (``"step"`` in its state, ``"jit"`` in its metrics), which ends the function;
+    a resume from it goes on with the next step.
     """
     ctx = pd.get_context()
     rank = ctx.get_world_rank()
@@ -36,22 +41,29 @@ def deterministic_loop(config):
     y = x.sum(1, keepdim=True).sin()
     loader = pd.torch.prepare_data_loader(torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True))
-    start = 0
+    start, done_steps = 0, -1  # done_steps: of epoch ``start``, when resumed mid-epoch
     if (checkpoint := pd.get_checkpoint()) is not None:
         state = pd.torch.load_state(checkpoint, "state.pt")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"] + 1
+        if state.get("step") is not None:
+            start, done_steps = state["epoch"], state["step"]
     kill = config.get("kills", {}).get(ctx.get_attempt())
+    preempt = config.get("preempt") if ctx.get_attempt() == 0 else None
     seen = 0
     for epoch in range(start, config["epochs"]):
         gate = config.get("gates", {}).get(epoch)
         while gate is not None and not os.path.exists(gate):
+            if "preempt" in config and ctx.preemption_requested():
+                break  # its first step takes the checkpoint
             time.sleep(0.1)
         loader.sampler.set_epoch(epoch)
         if ctx.get_attempt() == 0 and [epoch, rank] == config.get("hang"):
             time.sleep(3600)  # the peer never comes
         for step, (xb, yb) in enumerate(loader):
+            if epoch == start and step <= done_steps:
+                continue
             if kill is not None and [epoch, step, rank] == list(kill):
                 os.kill(os.getpid(), signal.SIGKILL)
             optimizer.zero_grad()
@@ -59,6 +71,10 @@ def deterministic_loop(config):
             loss.backward()
             optimizer.step()
             seen += len(yb)
+            if preempt is not None and [epoch, step, rank] == list(preempt):
+                os.kill(os.getpid(), signal.SIGTERM)  # a spot reclaim
+            if "preempt" in config and ctx.preemption_requested():
+                _checkpoint_now(model, optimizer, epoch, step, rank)
         time.sleep(config.get("epoch_sleep", 0))
         shard_ids = []
         if config.get("read_dataset"):
@@ -77,6 +93,17 @@ def deterministic_loop(config):
         seen = 0
     return {"weights": [p.detach().clone() for p in model.parameters()],
             "attempt": ctx.get_attempt(), "world_size": ctx.get_world_size()}
+
+
+def _checkpoint_now(model, optimizer, epoch, step, rank):
+    """A just-in-time checkpoint of this step; its report ends the function."""
+    with tempfile.TemporaryDirectory() as folder:
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "epoch": epoch, "step": step}, os.path.join(folder, "state.pt"))
+        pd.report({"epoch": epoch, "step": step, "jit": True},
+                  checkpoint=pd.Checkpoint.from_directory(folder) if rank == 0 else None)
+    raise AssertionError("the report after a preemption ends the function")
 
 
 def same_weights(a: dict, b: dict) -> bool:

@@ -112,6 +112,23 @@ def test_the_restart_budget(max_failures, restarts_done, expected):
     assert decide(raised(), None, restarts_done, max_failures) is expected
 
 
+def test_preemptions_have_their_own_budget_and_the_drivers_is_never_restarted():
+    """A worker's SIGTERM restarts within max_preemption_failures whatever max_failures says;
+    the driver's is raised at once (its process is ending), retryable."""
+    preempted = Failure(kind="preempted", type="prefect_distrain.exceptions.PreemptionError",
+                        message="SIGTERM to rank 1", ranks=(1,), retryable=True)
+    assert classify(preempted, previous=preempted)[0] is True, "never a repeat: nobody's bug"
+    assert decide(preempted, None, restarts_done=0, max_failures=0) is Decision.RESTART
+    assert decide(preempted, None, 0, 0, preemptions_done=2,
+                  max_preemptions=2) is Decision.RAISE
+    assert decide(preempted, None, 0, 0, preemptions_done=1000,
+                  max_preemptions=-1) is Decision.RESTART
+    shutdown = Failure(kind="shutdown", type="prefect_distrain.exceptions.PreemptionError",
+                       message="SIGTERM to the driver", retryable=True)
+    assert classify(shutdown)[0] is True
+    assert decide(shutdown, None, 0, max_failures=-1) is Decision.RAISE
+
+
 def test_an_elastic_group_grows_back_when_the_cluster_holds_the_missing_workers():
     assert should_resize(running=2, wanted=4, free_workers=2) is True
     assert should_resize(running=2, wanted=4, free_workers=1) is False

@@ -1,17 +1,23 @@
-"""The failures real clusters have: a rank that hangs, storage that fails now and then or for
-good, credentials that expire mid-run, and a run that must end by a deadline. Real Ray, real
-moto S3 (behind a wrapper that fails as S3 does), each fault once, keyed on the attempt."""
+"""The failures real clusters have: a rank that hangs, a collective that times out, a worker or
+a driver preempted by SIGTERM, storage that fails now and then or for good, credentials that
+expire mid-run, and a run that must end by a deadline. Real Ray, real moto S3 (behind a wrapper
+that fails as S3 does), each fault once, keyed on the attempt."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 
 import pytest
-from conftest import assert_no_train_actors
+import ray
+from conftest import assert_no_train_actors, live_train_actors
 from fault_loops import deterministic_loop, same_weights
 
 import prefect_distrain as pd
@@ -55,6 +61,105 @@ def test_a_rank_stuck_before_a_collective_is_a_hang_with_every_stack(tmp_path, r
     rank0, rank1 = written.split("== rank 1:")
     assert "== rank 0:" in rank0 and "backward" in rank0, "rank 0 waits in the allreduce"
     assert "time.sleep(3600)  # the peer never comes" in rank1, "rank 1's sleeping line"
+    assert_no_train_actors()
+
+
+def test_a_collective_timeout_is_infrastructure_naming_the_rank(tmp_path, reference):
+    """The same stuck peer with hang detection off: torch's own collective timeout (5 s here)
+    ends rank 0's allreduce; that is the runtime failing, so the group restarts and resumes."""
+    run = pd.RunConfig(name="collective-timeout", storage=str(tmp_path))
+    failure = pd.FailureConfig(max_failures=1, hang_timeout_s=None)
+    with pd.Trainer(backend=pd.TorchConfig(timeout_s=5), num_workers=2, run=run,
+                    failure=failure) as trainer:
+        result = trainer.fit(deterministic_loop, config={"epochs": EPOCHS, "hang": [2, 1]})
+    assert all(same_weights(r, reference) for r in result.worker_results)
+    assert result.failures == 1
+    first, second = ledger(str(tmp_path), "collective-timeout")
+    assert first["status"] == "failed" and first["failure"]["kind"] == "raised"
+    assert "timed out" in first["cause"].lower(), first["cause"]
+    assert first["cause"].startswith("RuntimeError: ") and "rank 0 of 2" in first["cause"], \
+        first["cause"]
+    assert second["resumed_from"].endswith("checkpoint_000002-a0")
+    assert_no_train_actors()
+
+
+def test_a_preempted_worker_commits_just_in_time_and_resumes_from_there(tmp_path, reference):
+    """SIGTERM to rank 1 in the middle of epoch 2 (attempt 0): every rank hears of it at the
+    same step, commits that step's checkpoint and ends; the restart resumes from it (not from
+    epoch 1's) without using max_failures=0, and the weights end as an uninterrupted run's."""
+    run = pd.RunConfig(name="preempted", storage=str(tmp_path))
+    with pd.Trainer(num_workers=2, run=run, failure=pd.FailureConfig(max_failures=0)) as trainer:
+        result = trainer.fit(deterministic_loop,
+                             config={"epochs": EPOCHS, "preempt": [2, 3, 1]})
+    assert all(same_weights(r, reference) for r in result.worker_results)
+    assert (result.failures, result.preemptions) == (0, 1)
+    first, second = ledger(str(tmp_path), "preempted")
+    assert first["status"] == "preempted"
+    assert first["cause"].startswith("PreemptionError: SIGTERM to rank 1 (pid "), first["cause"]
+    assert second["resumed_from"].endswith("checkpoint_000003-a0"), second["resumed_from"]
+    [jit] = [m for m in result.metrics_history if m.get("jit")]
+    assert (jit["epoch"], jit["_training_iteration"]) == (2, 3)
+    assert jit["step"] >= 3, "the step at which every rank heard of the preemption"
+    run_storage = RunStorage(str(tmp_path), "preempted")
+    [manifest] = [m for m in run_storage.read_manifests()[0] if m.index == 3]
+    state = pd.torch.load_state(run_storage.checkpoint(manifest), "state.pt")
+    assert (state["epoch"], state["step"]) == (2, jit["step"])
+    assert_no_train_actors()
+
+
+def test_sigterm_to_the_driver_commits_and_leaves_a_resumable_run(tmp_path, reference):
+    """A driver (its own process, on this Ray) gets SIGTERM while its ranks wait at the start
+    of epoch 2 (a gate that only the preemption opens): they commit a checkpoint of their
+    first step, the attempt is recorded as preempted, the lease is given back and the process
+    ends as SIGTERM ends it; a new run resumes from that step at once (no lease to wait for)
+    and ends with an uninterrupted run's weights."""
+    progress = tmp_path / "progress"
+    storage = str(tmp_path / "runs")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import prefect_distrain as pd
+        from fault_loops import deterministic_loop
+
+        with pd.Trainer(num_workers=2, ray_address={ray.get_runtime_context().gcs_address!r},
+                        run=pd.RunConfig(name="drained", storage={storage!r})) as trainer:
+            trainer.fit(deterministic_loop,
+                        config={{"epochs": {EPOCHS}, "preempt": None,
+                                 "gates": {{2: {str(tmp_path / "never")!r}}},
+                                 "progress": {str(progress)!r}}})
+    """)
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as output:
+        driver = subprocess.Popen([sys.executable, "-c", script], stdout=output,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= 1):
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the driver never reached epoch 2"
+            time.sleep(0.1)
+        assert len(live_train_actors()) == 2
+        driver.send_signal(signal.SIGTERM)
+        # Ended as SIGTERM ends it: by the signal, or Ray's driver handler's sys.exit(15).
+        assert driver.wait(timeout=60) in (-signal.SIGTERM, signal.SIGTERM), \
+            log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert_no_train_actors(timeout=30)
+    [attempt] = ledger(storage, "drained")
+    assert attempt["status"] == "preempted", attempt
+    assert attempt["cause"].startswith("PreemptionError: SIGTERM to the driver"), attempt
+    with pd.Trainer(num_workers=2, run=pd.RunConfig(name="drained", storage=storage)) as trainer:
+        result = trainer.fit(deterministic_loop, config={"epochs": EPOCHS},
+                             resume_from_checkpoint="latest")
+    assert all(same_weights(r, reference) for r in result.worker_results)
+    first, second = ledger(storage, "drained")
+    resumed = RunStorage(storage, "drained").read_manifests()[0]
+    [jit] = [m for m in resumed if m.metrics.get("jit")]
+    assert (jit.index, jit.metrics["epoch"], jit.metrics["step"]) == (3, 2, 0)
+    assert second["resumed_from"].endswith("checkpoint_000003-a0"), second
     assert_no_train_actors()
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -18,13 +19,15 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def digits_fit_loop(config):
-    """model.fit on digits with ReportCheckpointCallback; optionally SIGKILLs rank 1 once."""
+    """model.fit on digits with ReportCheckpointCallback; optionally SIGKILLs rank 1 once
+    (``kill``), or on attempt 0 makes a rank sleep for good at the start of an epoch
+    (``stall``: [rank, epoch]) while its peer waits in the first batch's collective."""
     import signal
 
     import tensorflow as tf
     from sklearn.datasets import load_digits
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = pd.tensorflow.strategy()
     digits = load_digits()
     x, y = (digits.data / 16.0).astype("float32"), digits.target.astype("int64")
     options = tf.data.Options()
@@ -47,6 +50,9 @@ def digits_fit_loop(config):
     class KillOnce(tf.keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
+            ctx = pd.get_context()
+            if ctx.get_attempt() == 0 and [ctx.get_world_rank(), epoch] == config.get("stall"):
+                time.sleep(3600)  # the peer never comes
 
         def on_train_batch_begin(self, batch, logs=None):
             ctx = pd.get_context()
@@ -139,6 +145,28 @@ def keras3_custom_loop(config):
         total = sum(float(step(batch)) for batch in data)
         pd.report({"epoch": epoch, "loss": total})
     return {"weights": [w.numpy() for w in model.weights], "keras": tf.keras.Sequential.__module__}
+
+
+def test_a_collective_timeout_ends_the_attempt_and_the_restart_resumes(tmp_path):
+    """Rank 1 never comes to epoch 1's first collective; with TensorflowConfig(timeout_s=5)
+    (and hang detection off) rank 0's collective raises DeadlineExceededError: the runtime
+    failing, so the group restarts from epoch 0's checkpoint and completes."""
+    run = pd.RunConfig(name="tf-timeout", storage=str(tmp_path))
+    with pd.Trainer(backend=pd.TensorflowConfig(timeout_s=5), num_workers=2, run=run,
+                    failure=pd.FailureConfig(max_failures=1, hang_timeout_s=None)) as trainer:
+        result = trainer.fit(digits_fit_loop, config={"epochs": 3, "stall": [1, 1]})
+        [first, second] = trainer.checkpoints.attempts()
+    assert result.failures == 1
+    assert [r["started_at"] for r in result.worker_results] == [1, 1]
+    # The driver never imports TensorFlow: the error arrives as a WorkerError naming its type.
+    assert first["status"] == "failed" and first["cause"].startswith(
+        "WorkerError: tensorflow.python.framework.errors_impl.DeadlineExceededError: "), first
+    assert first["cause"].endswith("(on rank 0 of 2)"), first
+    assert "tensorflow" not in sys.modules
+    assert second["resumed_from"].endswith("checkpoint_000001-a0")
+    weights = [r["weights"] for r in result.worker_results]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
+    assert_no_train_actors()
 
 
 def test_keras3_custom_loop_under_strategy_run(tmp_path):

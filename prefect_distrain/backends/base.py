@@ -30,7 +30,9 @@ class Backend:
 
     def is_runtime_failure(self, error: BaseException) -> bool:
         """True if ``error`` comes from the framework's distributed runtime (a collective that
-        timed out, a peer that vanished) rather than from the user's code: worth a restart."""
+        timed out, a peer that vanished) rather than from the user's code: worth a restart.
+        Judge it by ``error_type(error)``: the driver does not import the framework to re-raise
+        its errors (they arrive as ``WorkerError``)."""
         return False
 
     def on_shutdown(self, worker_group: WorkerGroup, config: BackendConfig) -> None:
@@ -51,6 +53,16 @@ class BackendConfig:
 
     def make_backend(self) -> Backend:
         return self.backend_cls()
+
+
+def error_type(error: BaseException) -> str:
+    """The qualified name of the type the worker raised (a ``WorkerError`` stands in for a type
+    the driver has not imported)."""
+    from ..exceptions import WorkerError
+
+    if isinstance(error, WorkerError) and error.exc_type:
+        return error.exc_type
+    return f"{type(error).__module__}.{type(error).__qualname__}"
 
 
 def address_and_free_port() -> tuple[str, int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import settings
-from .base import Backend, BackendConfig
+from .base import Backend, BackendConfig, error_type
 
 if TYPE_CHECKING:
     from ..execution.worker_group import WorkerGroup
@@ -121,7 +121,7 @@ class _HorovodBackend(Backend):
         worker_group.execute(_set_env_by_rank, per_rank, timeout=timeout)
 
     def is_runtime_failure(self, error: BaseException) -> bool:
-        return type(error).__name__ in _RUNTIME_ERRORS
+        return error_type(error).rpartition(".")[2] in _RUNTIME_ERRORS
 
     def on_shutdown(self, worker_group: WorkerGroup, config: HorovodConfig) -> None:
         try:

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import settings
-from .base import Backend, BackendConfig, address_and_free_port
+from .base import Backend, BackendConfig, address_and_free_port, error_type
 
 if TYPE_CHECKING:
     from ..execution.worker_group import WorkerGroup
@@ -58,12 +58,11 @@ class _TorchBackend(Backend):
         # and DistStoreError; gloo on CPU raises a plain RuntimeError from its transport ("...
         # gloo/transport/tcp/... Timed out waiting 5000ms for recv", "Connection closed by
         # peer" on the other ranks). Either is the runtime, not the user's code.
-        import torch.distributed as dist
-
-        if isinstance(error, getattr(dist, "DistError", ())):
+        kind = error_type(error)
+        if kind in _DIST_ERRORS:
             return True
-        text = str(error)
-        return type(error) is RuntimeError and any(mark in text for mark in _RUNTIME_MARKS)
+        return kind == "builtins.RuntimeError" and any(mark in str(error)
+                                                       for mark in _RUNTIME_MARKS)
 
     def on_shutdown(self, worker_group: WorkerGroup, config: TorchConfig) -> None:
         worker_group.execute(_leave_process_group, timeout=settings.settings().shutdown_timeout_s)
@@ -89,6 +88,8 @@ class TorchConfig(BackendConfig):
 
 
 #: What torch's collectives put in a plain RuntimeError when a peer is gone or too slow.
+_DIST_ERRORS = {f"torch.distributed.{name}" for name in (
+    "DistError", "DistBackendError", "DistNetworkError", "DistStoreError")}
 _RUNTIME_MARKS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
                   "Timed out waiting", "ProcessGroupGloo", "ProcessGroupNCCL",
                   "Watchdog caught collective operation timeout")
@@ -107,7 +108,7 @@ def _share_node_gpus(gpus_by_node: dict[str, list[str]]) -> None:
 
 
 def _join_process_group(master_addr: str, master_port: int, backend: str, timeout_s: float) -> None:
-    from ..session.context import get_worker_info
+    from ..session.context import get_worker_info, set_any_rank
 
     torch = import_torch()
     import torch.distributed as dist
@@ -125,11 +126,27 @@ def _join_process_group(master_addr: str, master_port: int, backend: str, timeou
         dist.destroy_process_group()
     dist.init_process_group(backend=backend, init_method="env://", rank=info.world_rank,
                             world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
+    set_any_rank(_any_rank)
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether any rank passed True: one all-reduce (MAX) of a flag over the process group."""
+    import torch
+    import torch.distributed as dist
+
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _leave_process_group() -> None:
     import torch.distributed as dist
 
+    from ..session.context import set_any_rank
+
+    set_any_rank(None)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -22,7 +22,7 @@ from ..checkpoints.fs import redact_url
 from ..checkpoints.manager import CheckpointManager
 from ..checkpoints.storage import FORENSICS, RunStorage, driver_io
 from ..config import CheckpointConfig
-from ..exceptions import RunTimeoutError, TrainingHangError
+from ..exceptions import PreemptionError, RunTimeoutError, TrainingHangError
 from ..logs import WorkerLogs
 from ..session.context import TrainContext
 from .dispatch import Callbacks
@@ -68,6 +68,9 @@ class RunSpec:
     hang_timeout_s: float | None = None
     deadline: float | None = None
     timeout_s: float | None = None
+    #: ``FailureConfig.preemption_grace_s``; whether the driver was sent SIGTERM.
+    preemption_grace_s: float = 25.0
+    shutdown_requested: Callable[[], bool] | None = None
 
     @property
     def first_index(self) -> int:
@@ -110,6 +113,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
             "await_verdicts": any(c.exact_stop for c in spec.callbacks),
             "progress_every_s": min(5.0, spec.hang_timeout_s / 4)
             if spec.hang_timeout_s else None,
+            "preemption_grace_s": spec.preemption_grace_s,
         }
         for m in group.members
     ]
@@ -129,7 +133,11 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
                                                      logger),
                   on_deadline=lambda: group.request_stop(
                       f"the run's deadline of {spec.timeout_s:g} s passed "
-                      "(RunConfig(timeout_s))", iterations.highest))
+                      "(RunConfig(timeout_s))", iterations.highest),
+                  preemption_grace_s=spec.preemption_grace_s,
+                  shutdown_requested=spec.shutdown_requested,
+                  on_preemption=lambda why, driver: _preempt(group, spec, iterations, why,
+                                                             driver, logger))
     generators = group.run(fn_ref, spec.takes_config, config, session_args)
     try:
         status = poll_workers(generators, iterations, commits, callbacks, spec.logs,
@@ -137,6 +145,10 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     except BaseException:
         _end(group, callbacks, error=True)
         raise
+    if status.preempted is not None:
+        _end(group, callbacks, error=True)
+        raise _preemption_error(spec, status, commits.last_committed or (
+            spec.resume_from.index if spec.resume_from is not None else None))
     if status.errors:
         error, failure = worker_failure(status.errors, len(group), iterations.last,
                                         spec.is_backend_failure, spec.fatal_exceptions)
@@ -192,6 +204,27 @@ def _hang(group: WorkerGroup, spec: RunSpec, iterations: Iterations, ranks: list
         f"for a peer, a deadlock, a loader that never yields); every rank's stack is in the "
         f"run's summary and in {redact_url(spec.storage.run_url)}/{FORENSICS}/{name}",
         ranks=ranks, forensics=forensics)
+
+
+def _preempt(group: WorkerGroup, spec: RunSpec, iterations: Iterations, why: str,
+             driver: bool, logger: logging.Logger) -> None:
+    """Every rank's next report commits and ends its function; with the driver's SIGTERM, the
+    ranks also hear of it (``preemption_requested()``)."""
+    logger.warning("Preempted: %s. Every rank commits at its next report and ends, within "
+                   "FailureConfig(preemption_grace_s=%g)", why, spec.preemption_grace_s)
+    if driver:
+        group.preempt(why)
+    group.request_stop(f"the run was preempted ({why})", iterations.highest)
+
+
+def _preemption_error(spec: RunSpec, status: Any, committed: int | None) -> PreemptionError:
+    ranks = list(status.preempted_ranks)
+    kept = f"checkpoint {committed}" if committed is not None else "no checkpoint yet"
+    late = (f"; ranks {list(status.unfinished)} did not end within the grace period"
+            if status.unfinished else "")
+    return PreemptionError(
+        f"{status.preempted}: attempt {spec.attempt} ended after committing what was in "
+        f"flight (the latest is {kept}){late}", ranks=ranks, driver=not ranks)
 
 
 def _innermost(stack: str) -> str:

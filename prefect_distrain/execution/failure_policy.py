@@ -18,6 +18,10 @@ The rules (the README's "Failure classes"):
   after a restart: the same type and message, raised at the same report iteration.
 - A restart follows an infrastructure failure while ``max_failures`` allows (-1: no limit);
   past it, the failure is raised as infrastructure (a Prefect retry may still cure it).
+- A **preemption** (SIGTERM to a worker: a spot reclaim, a drain, an eviction) is nobody's
+  fault: it restarts while ``max_preemption_failures`` allows, without using ``max_failures``.
+  A **shutdown** (SIGTERM to the driver) is raised at once: the driver's process is ending, a
+  restart would be killed with it; the run stays resumable (a Prefect retry may resume it).
 - An elastic group that runs small **resizes** (restarts at full size from the checkpoint just
   committed) once the cluster holds the workers it misses. Not a failure: no budget used.
 """
@@ -42,7 +46,8 @@ class Failure:
     """What went wrong in an attempt, as plain facts.
 
     ``kind``: "lost" (a worker process or node died), "raised" (the training function raised),
-    or "driver" (the driver failed: storage, the lease, a misuse it detected). ``type`` is the
+    "driver" (the driver failed: storage, the lease, a misuse it detected), "preempted" (a
+    worker was sent SIGTERM) or "shutdown" (the driver was). ``type`` is the
     exception's qualified name, ``ranks`` the failing ranks, ``iteration`` the last iteration
     the failing rank reported. ``every_rank`` is true when every rank raised this same type.
     ``fatal``: the type is in ``fatal_exceptions``; ``runtime``: the backend says its runtime
@@ -75,6 +80,10 @@ def classify(failure: Failure, previous: Failure | None = None) -> tuple[bool, s
                        f"report iteration {failure.iteration} again")
     if failure.kind == "lost":
         return True, "a worker or its node was lost"
+    if failure.kind == "preempted":
+        return True, "a worker was preempted (SIGTERM)"
+    if failure.kind == "shutdown":
+        return True, "the driver was told to stop (SIGTERM); the run can resume"
     if failure.retryable is not None:
         return failure.retryable, "prefect-distrain's own error says so"
     if failure.runtime:
@@ -87,8 +96,14 @@ def classify(failure: Failure, previous: Failure | None = None) -> tuple[bool, s
 
 
 def decide(failure: Failure, previous: Failure | None, restarts_done: int,
-           max_failures: int) -> Decision:
-    """Restart the group, or raise the failure."""
+           max_failures: int, preemptions_done: int = 0,
+           max_preemptions: int = -1) -> Decision:
+    """Restart the group, or raise the failure. Preemptions have their own budget."""
+    if failure.kind == "shutdown":
+        return Decision.RAISE
+    if failure.kind == "preempted":
+        within = max_preemptions == -1 or preemptions_done < max_preemptions
+        return Decision.RESTART if within else Decision.RAISE
     infrastructure, _ = classify(failure, previous)
     if infrastructure and (max_failures == -1 or restarts_done < max_failures):
         return Decision.RESTART

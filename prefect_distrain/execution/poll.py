@@ -11,6 +11,7 @@ the deadline, the grace period (PREFECT_DISTRAIN_STOP_GRACE_S).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,22 +45,34 @@ class PollStatus:
     resize_after: int | None = None
     #: The run's deadline passed: the ranks were stopped (or ended after the grace period).
     timed_out: bool = False
+    #: Why the attempt was preempted (SIGTERM to a worker or the driver), the ranks that were
+    #: sent it (none: the driver was).
+    preempted: str | None = None
+    preempted_ranks: tuple[int, ...] = ()
 
 
 @dataclass
 class Watch:
-    """What the driver watches besides the workers' outcomes: hangs, stragglers, the deadline.
+    """What the driver watches besides the workers' outcomes: hangs, stragglers, the deadline,
+    preemption.
 
     ``hang_timeout_s``: a running rank without progress this long hangs the attempt:
     ``on_hang(ranks, quiet_s)`` returns the error to raise (having gathered the forensics); a
     rank quiet for half of it is a straggler, logged once. ``deadline`` (``time.monotonic()``):
-    when it passes, ``on_deadline()`` asks every rank to stop."""
+    when it passes, ``on_deadline()`` asks every rank to stop. A rank's notice of SIGTERM, or
+    ``shutdown_requested()`` (SIGTERM to the driver), calls ``on_preemption(why, driver)``
+    once: the ranks then have ``preemption_grace_s`` to commit and end."""
 
     hang_timeout_s: float | None = None
     on_hang: Callable[[list[int], dict[int, float]], BaseException] | None = None
     deadline: float | None = None
     on_deadline: Callable[[], None] | None = None
     logger: Any = None
+    preemption_grace_s: float = 25.0
+    on_preemption: Callable[[str, bool], None] | None = None
+    shutdown_requested: Callable[[], bool] | None = None
+    preempted: str | None = None
+    preempted_ranks: list[int] = field(default_factory=list)
     _last: dict[int, float] = field(default_factory=dict)
     _counts: dict[int, int] = field(default_factory=dict)
     _warned: set[int] = field(default_factory=set)
@@ -100,6 +113,20 @@ class Watch:
     def deadline_passed(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
+    def preemption(self, rank: int | None, why: str) -> None:
+        """SIGTERM reached ``rank`` (None: the driver)."""
+        if rank is not None and rank not in self.preempted_ranks:
+            self.preempted_ranks.append(rank)
+        if self.preempted is None:
+            self.preempted = why
+            if self.on_preemption is not None:
+                self.on_preemption(why, rank is None)
+
+    def look_for_shutdown(self) -> None:
+        if self.preempted is None and self.shutdown_requested is not None \
+                and self.shutdown_requested():
+            self.preemption(None, "SIGTERM to the driver (pid %d)" % os.getpid())
+
 
 def poll_workers(generators: list, iterations: Iterations, commits: PendingCommits,
                  callbacks: Callbacks, logs: WorkerLogs | None, checkpoints: CheckpointManager,
@@ -123,6 +150,9 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
         if not timed_out and watch.deadline_passed():
             timed_out = True
             watch.on_deadline()
+        watch.look_for_shutdown()
+        if watch.preempted is not None and gather_deadline is None:
+            gather_deadline = time.monotonic() + watch.preemption_grace_s
         if (callbacks.stop_reason is not None or timed_out) and gather_deadline is None:
             gather_deadline = time.monotonic() + settings.settings().stop_grace_s
         wait = POLL_S
@@ -151,6 +181,8 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
                     iterations.add(rank, payload)
                 elif kind == "progress":
                     watch.progressed(rank, payload)
+                elif kind == "preempted":
+                    watch.preemption(rank, payload["why"])
                 elif kind == "log":
                     if logs is not None:
                         logs.add(rank, payload)
@@ -167,7 +199,8 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
                         if gather_deadline is None:
                             gather_deadline = (time.monotonic()
                                                + settings.settings().error_gather_timeout_s)
-            if finished and not errors and (stranded := iterations.stranded(finished)):
+            if finished and not errors and watch.preempted is None \
+                    and (stranded := iterations.stranded(finished)):
                 raise stranded
         committed = commits.last_committed
         if not errors and should_resize is not None and committed is not None \
@@ -176,4 +209,5 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
             if should_resize():
                 return PollStatus(tuple(returns), resize_after=committed)
     return PollStatus(tuple(returns), errors, tuple(sorted(pending.values())),
-                      timed_out=timed_out)
+                      timed_out=timed_out, preempted=watch.preempted,
+                      preempted_ranks=tuple(sorted(watch.preempted_ranks)))

@@ -39,6 +39,7 @@ from .history import RunHistory
 from .pickling import serialize_train_function, takes_config
 from .placement import start_group
 from .preflight import storage_preflight
+from .signals import sigterm_ends_gracefully
 from .worker_errors import driver_failure
 from .worker_group import WorkerGroup
 
@@ -223,29 +224,33 @@ class Trainer:
         self.forensics = []
         manager = CheckpointManager(storage, self.checkpoint_config, self.logger)
         self.checkpoints = manager
-        try:
-            with storage_preflight(storage) as check_workers_see:
-                # One writer per run: a second one fails here, before any worker starts.
-                manager.open(self.holder, settings.settings().lease_timeout_s,
-                             self.run_config.takeover)
-                self.start()
-                assert self._group is not None
-                check_workers_see(self._group)
-            spec = RunSpec(
-                train_func_blob=blob, takes_config=takes_config(train_func), config=config,
-                storage=storage, backend_name=self.backend.name, checkpoints=manager,
-                checkpoint_config=self.checkpoint_config, callbacks=callbacks,
-                history=self.history, is_backend_failure=self.backend.is_runtime_failure,
-                fatal_exceptions=self.failure_config.fatal_exceptions, logs=self.worker_logs,
-                hang_timeout_s=self.failure_config.hang_timeout_s,
-                timeout_s=self.run_config.timeout_s,
-                deadline=began + self.run_config.timeout_s if self.run_config.timeout_s else None)
-            return self._attempts(spec, resume_from_checkpoint,
-                                  resolve_datasets(datasets, storage.run_url,
-                                                   storage.storage_options),
-                                  data_config or DataConfig(), began)
-        finally:
-            manager.close()
+        # SIGTERM (after the lease is given back): see signals.py.
+        with sigterm_ends_gracefully(self.logger) as shutdown_requested:
+            try:
+                with storage_preflight(storage) as check_workers_see:
+                    # One writer per run: a second one fails here, before any worker starts.
+                    manager.open(self.holder, settings.settings().lease_timeout_s,
+                                 self.run_config.takeover)
+                    self.start()
+                    assert self._group is not None
+                    check_workers_see(self._group)
+                failure = self.failure_config
+                spec = RunSpec(
+                    train_func_blob=blob, takes_config=takes_config(train_func), config=config,
+                    storage=storage, backend_name=self.backend.name, checkpoints=manager,
+                    checkpoint_config=self.checkpoint_config, callbacks=callbacks,
+                    history=self.history, is_backend_failure=self.backend.is_runtime_failure,
+                    fatal_exceptions=failure.fatal_exceptions, logs=self.worker_logs,
+                    hang_timeout_s=failure.hang_timeout_s, timeout_s=self.run_config.timeout_s,
+                    deadline=began + self.run_config.timeout_s if self.run_config.timeout_s
+                    else None, preemption_grace_s=failure.preemption_grace_s,
+                    shutdown_requested=shutdown_requested)
+                return self._attempts(spec, resume_from_checkpoint,
+                                      resolve_datasets(datasets, storage.run_url,
+                                                       storage.storage_options),
+                                      data_config or DataConfig(), began)
+            finally:
+                manager.close()
 
     def _attempts(self, spec: RunSpec, resume_from_checkpoint: Any,
                   datasets: dict[str, Any] | None, data_config: DataConfig,
@@ -256,7 +261,7 @@ class Trainer:
         ledger = AttemptLedger(spec.storage, manager.lease.generation if manager.lease else None,
                                on_retry=manager.retries.driver_retried)
         previous = _failure_of_last_attempt(ledger.records())
-        restarts, restart_cause, grow = 0, None, False
+        restarts, preemptions, restart_cause, grow = 0, 0, None, False
         resume: Checkpoint | None = None
         attempt = -1
         while True:
@@ -299,14 +304,25 @@ class Trainer:
                     self.forensics.append(error.forensics)
                 infrastructure, why = classify(failure, previous)
                 _mark(error, infrastructure, why, failure.repeats(previous))
-                cause = f"{type(error).__name__}: {error}"[:300]
-                self._end_attempt(ledger, record, "failed", cause, error, failure,
-                                  retries=_since(manager, retries_before))
+                cause = f"{type(error).__name__}: {error}"[:300] + _where(failure)
+                preempted = failure.kind in ("preempted", "shutdown")
+                self._end_attempt(ledger, record, "preempted" if preempted else "failed", cause,
+                                  error, failure, retries=_since(manager, retries_before))
                 max_failures = self.failure_config.max_failures
-                if decide(failure, previous, restarts, max_failures) is Decision.RAISE:
-                    if infrastructure and max_failures:
+                max_preemptions = self.failure_config.max_preemption_failures
+                if decide(failure, previous, restarts, max_failures, preemptions,
+                          max_preemptions) is Decision.RAISE:
+                    if infrastructure and max_failures and not preempted:
                         self.logger.error("Giving up after %d restart(s): %s", restarts, cause)
                     raise error
+                if preempted:  # its own budget; not a failure of the training
+                    preemptions += 1
+                    restart_cause = cause
+                    self.logger.warning(
+                        "Attempt %d was preempted; restart %d of %s for preemptions from the "
+                        "latest committed checkpoint", attempt, preemptions,
+                        "unlimited" if max_preemptions == -1 else max_preemptions)
+                    continue
                 previous, restart_cause = failure, cause
                 restarts += 1
                 self.logger.warning("Attempt %d failed (%s); restart %d of %s from the latest "
@@ -330,7 +346,7 @@ class Trainer:
             best_checkpoints=[(c, c.metrics) for c in best],
             run_name=spec.storage.run_name, path=redact_url(spec.storage.run_url),
             backend=self.backend.name, world_size=record["world_size"], attempt=attempt,
-            failures=restarts, stopped_early=outcome.stopped,
+            failures=restarts, preemptions=preemptions, stopped_early=outcome.stopped,
             wall_time_s=time.monotonic() - began)
 
     def _resize_check(self, size: int) -> Callable[[], bool] | None:
@@ -372,6 +388,15 @@ class Trainer:
 def _since(manager: CheckpointManager, before: dict[str, int]) -> dict[str, int]:
     now = manager.retries.snapshot()
     return {kind: now[kind] - before[kind] for kind in now}
+
+
+def _where(failure: Failure) -> str:
+    """Which ranks raised it, for the ledger's cause (a peer's collective error names none)."""
+    if failure.kind != "raised" or not failure.ranks:
+        return ""
+    ranks = failure.ranks
+    named = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {list(ranks)}"
+    return f" (on {named} of {failure.world_size})"
 
 
 def _failure_of_last_attempt(records: list[dict[str, Any]]) -> Failure | None:

@@ -3,13 +3,15 @@ function's outbox (reports, log lines, finished uploads, the outcome) back to th
 Ray streaming generator, so reports reach the driver while training runs, without polling.
 
 The actor has two threads: one for ``run``, one for the driver's short calls beside it (a
-commit acknowledged, a verdict, a stop, a backend hook).
+commit acknowledged, a verdict, a stop, a backend hook). Its process's main thread handles
+SIGTERM: a preemption (see ``_on_sigterm``).
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -35,6 +37,28 @@ class TrainWorker:
 
     session: Session | None = None
 
+    def __init__(self) -> None:
+        # Ray creates an actor on its process's main thread: the only one that may set a
+        # signal handler. Ray's own (exit at once) is kept for a second SIGTERM.
+        self._ray_sigterm: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """A preemption (a spot reclaim, a node drain, an eviction): the training function
+        hears of it (``preemption_requested()``), and so does the driver; its next report
+        commits and ends it. The process ends after the grace period in any case; at once if
+        nothing is training or on a second SIGTERM."""
+        session = self.session
+        if session is None or session.preempted.is_set():
+            if callable(self._ray_sigterm):
+                self._ray_sigterm(signum, frame)
+            sys.exit(128 + signum)
+        session.preempt(f"SIGTERM to rank {session.context.get_world_rank()} (pid "
+                        f"{os.getpid()})", tell_driver=True)
+        threading.Thread(target=_end_after, args=(session.preemption_grace_s + 5.0,),
+                         daemon=True, name="preemption-grace").start()
+
     def metadata(self) -> dict[str, Any]:
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -52,15 +76,23 @@ class TrainWorker:
 
     def acknowledge_commit(self, index: int) -> None:
         """Wakes a sync report waiting for checkpoint ``index`` to be committed."""
-        self.session.acknowledge_commit(index)
+        if (session := self.session) is not None:  # else the run has ended
+            session.acknowledge_commit(index)
 
     def judge(self, iteration: int, stop_reason: str | None) -> None:
         """The verdict on ``iteration`` that its report waits for."""
-        self.session.judge(iteration, stop_reason)
+        if (session := self.session) is not None:  # else the run has ended
+            session.judge(iteration, stop_reason)
 
     def request_stop(self, reason: str, at: int) -> None:
         """The training function ends at report ``at`` (or its next)."""
-        self.session.request_stop(reason, at)
+        if (session := self.session) is not None:  # else the run has ended
+            session.request_stop(reason, at)
+
+    def preempt(self, why: str) -> None:
+        """The driver was sent SIGTERM: this rank checkpoints and ends as if it had been."""
+        if (session := self.session) is not None:
+            session.preempt(why, tell_driver=False)
 
     def stacks(self) -> str:
         """Every thread's Python stack, the training function's first (for a hang's forensics;
@@ -112,6 +144,13 @@ class TrainWorker:
         finally:
             ended.set()
             set_current_session(None)
+            self.session = None
+
+
+def _end_after(seconds: float) -> None:
+    """The end of a preemption's grace period: SIGTERM again, which Ray's handler obeys."""
+    time.sleep(seconds)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _tell_progress(session: Session, ended: threading.Event) -> None:
@@ -140,7 +179,7 @@ def _next_batch(outbox: queue.Queue) -> list[tuple[str, Any]]:
 
 def _urgent(item: tuple[str, Any]) -> bool:
     kind, payload = item
-    return kind in ("done", "error", "persisted") or (
+    return kind in ("done", "error", "persisted", "preempted") or (
         kind == "report" and (payload["upload"] is not None or payload["awaits_verdict"]))
 
 

@@ -4,16 +4,24 @@ plain facts the failure policy decides on.
 A lost worker explains whatever its peers raised, so it wins. Otherwise the root cause wins
 over its echoes: a rank's own exception over a peer's collective error ("connection closed by
 peer"), then the lowest rank. It is raised with its own type (or ``WorkerError`` when that type
-exists only on the worker), a note naming the ranks, and the worker's traceback as its cause.
+lives in a module the driver has not imported), a note naming the ranks, and the worker's
+traceback as its cause.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 from ray import cloudpickle
 
-from ..exceptions import DistrainError, RemoteTraceback, WorkerError, WorkerLostError
+from ..exceptions import (
+    DistrainError,
+    PreemptionError,
+    RemoteTraceback,
+    WorkerError,
+    WorkerLostError,
+)
 from .failure_policy import Failure
 
 
@@ -46,13 +54,24 @@ def worker_failure(errors: dict[int, Any], world_size: int, last_iterations: dic
         ranks=tuple(failed), world_size=world_size, iteration=last_iterations.get(rank),
         every_rank=len(failed) == world_size and len(types) == 1,
         fatal=isinstance(error, fatal_exceptions), runtime=is_runtime(error),
-        retryable=error.retryable if isinstance(error, DistrainError) else None)
+        retryable=_own_verdict(error))
+
+
+def _own_verdict(error: BaseException) -> bool | None:
+    """Our own error's ``retryable``; None for the user's (a WorkerError stands in for one)."""
+    if isinstance(error, DistrainError) and not isinstance(error, WorkerError):
+        return error.retryable
+    return None
 
 
 def driver_failure(error: BaseException, world_size: int) -> Failure:
-    """The facts of a failure of the driver itself (storage, the lease, a detected misuse)."""
-    return Failure(kind="driver", type=_qualified(error), message=str(error),
-                   world_size=world_size,
+    """The facts of a failure the driver raised: its own (storage, the lease, a detected
+    misuse), or a preemption it ended the attempt for."""
+    kind = "driver"
+    if isinstance(error, PreemptionError):
+        kind = "shutdown" if error.driver else "preempted"
+    return Failure(kind=kind, type=_qualified(error), message=str(error),
+                   ranks=tuple(getattr(error, "ranks", None) or ()), world_size=world_size,
                    retryable=getattr(error, "retryable", False) is True)
 
 
@@ -62,7 +81,10 @@ def _rebuild(described: Any, rank: int, world_size: int, failed: list[int]) -> B
     where = f"rank {rank} of {world_size} (pid {described['pid']} on {described['node_ip']})"
     also = f"; ranks {failed} raised" if len(failed) > 1 else ""
     error: BaseException | None = None
-    if described["pickled"] is not None:
+    # Only a type whose module the driver has imported is rebuilt: re-raising must not import
+    # a framework (TensorFlow would take seconds, memory and change the environment).
+    module = described["type"].split(".", 1)[0]
+    if described["pickled"] is not None and module in sys.modules:
         try:
             error = cloudpickle.loads(described["pickled"])
         except Exception:  # noqa: BLE001 - its type may exist only on the worker

@@ -124,6 +124,11 @@ class WorkerGroup:
         for member in self.members:
             member.actor.request_stop.remote(reason, at)
 
+    def preempt(self, why: str) -> None:
+        """The driver was sent SIGTERM: every rank hears of it as if it had been."""
+        for member in self.members:
+            member.actor.preempt.remote(why)
+
     def acknowledge_commit(self, index: int, ranks: list[int]) -> None:
         """Tell the ranks that reported files for checkpoint ``index`` that it is committed."""
         for rank in ranks:

@@ -1,12 +1,15 @@
 """Where a worker sits: its ranks (``WorkerInfo``) and Ray Train's ``TrainContext``.
 
 Set on every worker when the group starts (``set_worker_info``), read by backend hooks that run
-on the worker (``get_worker_info``) and by the training function (``pd.get_context()``).
+on the worker (``get_worker_info``) and by the training function (``pd.get_context()``). A
+backend whose ranks share a collective also sets ``set_any_rank``: how the ranks agree that one
+of them holds a flag (the preemption notice).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,19 @@ class TrainContext:
         """0 on the first start of the worker group, then 1, 2, ... after each restart."""
         return self.attempt
 
+    def preemption_requested(self) -> bool:
+        """True once a worker (or the driver) of this run was sent SIGTERM: save a checkpoint
+        and ``report`` it now; that report ends the function, and the run resumes from it.
+
+        On the torch backend every rank gets the same answer at the same call (one all-reduce
+        of a flag: call it at the same point of the loop on every rank, e.g. after each
+        step). Elsewhere it is this rank's own view, which the others reach a moment later:
+        call it where ranks agree anyway, e.g. just before a report."""
+        from . import current_session
+
+        session = current_session()
+        return session is not None and session.preemption_requested()
+
 
 _worker_info: WorkerInfo | None = None
 
@@ -72,3 +88,17 @@ def get_worker_info() -> WorkerInfo:
     if _worker_info is None:
         raise RuntimeError("get_worker_info() runs only on a worker of a started worker group")
     return _worker_info
+
+
+_any_rank: Callable[[bool], bool] | None = None
+
+
+def set_any_rank(agree: Callable[[bool], bool] | None) -> None:
+    """``agree(flag)`` returns on every rank whether any rank passed True (a collective: every
+    rank calls it at the same point). Set by the backend when its process group is up."""
+    global _any_rank
+    _any_rank = agree
+
+
+def any_rank() -> Callable[[bool], bool] | None:
+    return _any_rank

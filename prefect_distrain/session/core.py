@@ -17,6 +17,10 @@ iteration, so a stop decided at report N ends every rank at report N. A stop set
 callback names the highest iteration the driver has seen; every rank ends at its first report
 at or after it.
 
+Preemption: SIGTERM to the worker (``preempt``, from the actor's signal handler) or to the
+driver (``preempt`` through the actor) makes ``preemption_requested()`` True; the rank's next
+report commits its checkpoint and ends the function.
+
 This module never imports Prefect: workers stay light and start fast.
 """
 
@@ -32,7 +36,7 @@ from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.storage import RunStorage
 from ..exceptions import StopTraining
 from .auto import AUTO_PASS_KEY, AutoCheckpoints
-from .context import TrainContext
+from .context import TrainContext, any_rank
 from .uploader import Uploader
 
 
@@ -42,7 +46,7 @@ class Session:
     def __init__(self, context: TrainContext, storage: RunStorage, resume_from: Checkpoint | None,
                  iteration: int = 0, upload: str = "sync", datasets: dict[str, Any] | None = None,
                  checkpoint_mode: str = "manual", await_verdicts: bool = False,
-                 progress_every_s: float | None = None):
+                 progress_every_s: float | None = None, preemption_grace_s: float = 25.0):
         self.context = context
         self.storage = storage
         #: The checkpoint to resume from (``get_checkpoint()``), fixed while the function runs.
@@ -72,6 +76,32 @@ class Session:
         self.busy: str | None = None
         #: How often the worker tells the driver its progress (None: hang detection is off).
         self.progress_every_s = progress_every_s
+        #: Set once this rank (or the driver) was told to stop by SIGTERM; after the grace
+        #: period the worker's process ends even if the driver did not end it.
+        self.preempted = threading.Event()
+        self.preemption_grace_s = preemption_grace_s
+
+    def preempt(self, why: str, tell_driver: bool) -> None:
+        """SIGTERM reached this worker (``tell_driver``: the driver does not know yet) or the
+        driver: ``preemption_requested()`` turns True."""
+        if self.preempted.is_set():
+            return
+        self.preempted.set()
+        if tell_driver:
+            self.outbox.put(("preempted", {"why": why}))
+
+    def preemption_requested(self) -> bool:
+        """Whether any rank was preempted, agreed by all ranks where the backend can (see
+        ``TrainContext.preemption_requested``). Once True, the next report is the last."""
+        requested = self.preempted.is_set()
+        agree = any_rank()
+        if agree is not None and self.context.get_world_size() > 1:
+            requested = agree(requested)
+        if requested:
+            self.preempted.set()
+            with self._driver:
+                self._stop("the run was preempted (SIGTERM)", self.iteration + 1)
+        return requested
 
     def step(self) -> None:
         """A training step went by (a batch of a prepared loader): progress, for the driver."""
