@@ -19,6 +19,25 @@ import json
 from typing import Any
 
 
+def callback_list(callbacks: Any) -> list[TrainingCallback]:
+    """``callbacks=`` as a list, or the error that names the fix (one callback, not a list;
+    something that is not a callback)."""
+    from .exceptions import ConfigurationError
+
+    if isinstance(callbacks, TrainingCallback):
+        raise ConfigurationError(
+            f"callbacks takes a list of callbacks, got one {type(callbacks).__name__}: use "
+            f"callbacks=[{type(callbacks).__name__}(...)]")
+    if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+        raise ConfigurationError(
+            f"callbacks takes a list of TrainingCallback, got {type(callbacks).__name__}")
+    for callback in callbacks or []:
+        if not isinstance(callback, TrainingCallback):
+            raise ConfigurationError(
+                f"callbacks must be TrainingCallback instances, got {type(callback).__name__}")
+    return list(callbacks or [])
+
+
 class TrainingCallback:
     """Subclass and override what you need; every hook is optional."""
 

@@ -53,13 +53,16 @@ class ScalingConfig:
     concurrency_limit: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.use_gpu, bool):
+            raise ConfigurationError(
+                f"use_gpu must be True or False (got {self.use_gpu!r})")
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) \
                 or self.num_workers < 1:
             raise ConfigurationError(
                 f"num_workers must be an integer of at least 1 (got {self.num_workers!r}): set "
                 "ScalingConfig(num_workers=N) to the number of training processes you want")
         if self.min_workers is not None and (
-                not isinstance(self.min_workers, int)
+                not isinstance(self.min_workers, int) or isinstance(self.min_workers, bool)
                 or not 1 <= self.min_workers <= self.num_workers):
             raise ConfigurationError(
                 f"min_workers must be between 1 and num_workers={self.num_workers} (got "
@@ -73,10 +76,22 @@ class ScalingConfig:
             raise ConfigurationError(
                 f"placement_strategy {self.placement_strategy!r} is not one of "
                 f"{', '.join(PLACEMENT_STRATEGIES)}")
-        for name, amount in (self.resources_per_worker or {}).items():
-            if not isinstance(amount, (int, float)) or amount < 0:
+        resources = self.resources_per_worker
+        if resources is not None and not isinstance(resources, dict):
+            raise ConfigurationError(
+                f"resources_per_worker takes a dict of Ray resource name -> amount per worker "
+                f"(got {resources!r}), e.g. resources_per_worker={{'CPU': 2}}")
+        for name, amount in (resources or {}).items():
+            if not isinstance(name, str) or not isinstance(amount, (int, float)) \
+                    or isinstance(amount, bool) or amount < 0:
                 raise ConfigurationError(
-                    f"resources_per_worker[{name!r}] is {amount!r}; give a number >= 0")
+                    f"resources_per_worker[{name!r}] is {amount!r}; give resource names with "
+                    f"numbers >= 0, e.g. {{'CPU': 2}}")
+        if not self.worker_resources:
+            raise ConfigurationError(
+                f"resources_per_worker={resources!r} leaves a worker with no resources, which Ray "
+                "cannot place: give it some, e.g. {'CPU': 0.5}, or leave CPU out for the "
+                "default of 1")
         if (self.resources_per_worker or {}).get("GPU", 0) > 0 and not self.use_gpu:
             raise ConfigurationError(
                 "resources_per_worker asks for GPUs but use_gpu is False: set use_gpu=True "
@@ -150,6 +165,13 @@ class RunConfig:
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.storage_options is None:  # "no options", as fsspec reads it
+            object.__setattr__(self, "storage_options", {})
+        if not isinstance(self.storage_options, dict):  # its value may hold secrets: not shown
+            raise ConfigurationError(
+                f"storage_options takes a dict of fsspec options (got a "
+                f"{type(self.storage_options).__name__}), e.g. storage_options={{'key': ..., "
+                "'secret': ...}}")
         if self.timeout_s is not None and (
                 not isinstance(self.timeout_s, (int, float)) or isinstance(self.timeout_s, bool)
                 or self.timeout_s <= 0):
@@ -308,10 +330,16 @@ class FailureConfig:
             raise ConfigurationError(
                 f"max_failures must be -1 (no limit), 0 or more (got {self.max_failures!r})")
         fatal = self.fatal_exceptions
+        if isinstance(fatal, type):  # one class, as ``except`` takes it
+            fatal = (fatal,)
+        if isinstance(fatal, (list, set, frozenset)):
+            fatal = tuple(fatal)
         if not isinstance(fatal, tuple) or not all(
                 isinstance(t, type) and issubclass(t, BaseException) for t in fatal):
             raise ConfigurationError(
-                "fatal_exceptions takes a tuple of exception classes, e.g. (ValueError,)")
+                f"fatal_exceptions takes exception classes (got {self.fatal_exceptions!r}), "
+                "e.g. fatal_exceptions=(ValueError, KeyError)")
+        object.__setattr__(self, "fatal_exceptions", fatal)
 
     def may_restart(self, failures: int) -> bool:
         return self.max_failures == -1 or failures < self.max_failures

@@ -54,6 +54,9 @@ class BackendConfig:
     def make_backend(self) -> Backend:
         return self.backend_cls()
 
+    def check_scaling(self, use_gpu: bool) -> None:
+        """Raise ``ConfigurationError`` at once for options the workers could never use."""
+
 
 def error_type(error: BaseException) -> str:
     """The qualified name of the type the worker raised (a ``WorkerError`` stands in for a type

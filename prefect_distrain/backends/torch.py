@@ -86,6 +86,18 @@ class TorchConfig(BackendConfig):
     def process_group_backend(self, use_gpu: bool) -> str:
         return self.backend or ("nccl" if use_gpu else "gloo")
 
+    def check_scaling(self, use_gpu: bool) -> None:
+        from ..exceptions import ConfigurationError
+
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ConfigurationError(
+                f"TorchConfig(backend={self.backend!r}): use 'gloo', 'nccl', or None (nccl with "
+                "GPUs, gloo without)")
+        if self.backend == "nccl" and not use_gpu:
+            raise ConfigurationError(
+                "TorchConfig(backend='nccl') needs GPUs, but the workers have none: set "
+                "use_gpu=True, or use backend='gloo' (or None: nccl with GPUs, gloo without)")
+
 
 #: What torch's collectives put in a plain RuntimeError when a peer is gone or too slow.
 _DIST_ERRORS = {f"torch.distributed.{name}" for name in (

@@ -44,10 +44,12 @@ _ray_started_here = False
 
 
 @contextmanager
-def ray_connection(address: str | None = None, init_kwargs: dict | None = None) -> Iterator[None]:
+def ray_connection(address: str | None = None, init_kwargs: dict | None = None,
+                   scaling: ScalingConfig | None = None) -> Iterator[None]:
     """Use the Ray this process is connected to; else connect to ``address`` / ``RAY_ADDRESS``;
-    else start a local Ray. Only a connection made here is closed here, when its last user
-    (e.g. the last of several mapped ``train`` tasks) leaves."""
+    else start a local Ray (sized for ``scaling``, see ``local_cpus``). Only a connection made
+    here is closed here, when its last user (e.g. the last of several mapped ``train`` tasks)
+    leaves."""
     global _ray_users, _ray_started_here
     with _ray_lock:
         if ray.is_initialized() and address not in (None, "auto") \
@@ -60,8 +62,11 @@ def ray_connection(address: str | None = None, init_kwargs: dict | None = None) 
             address = address or os.environ.get("RAY_ADDRESS") or None
             logger.info("Starting a local Ray" if address is None
                         else f"Connecting to Ray at {address}")
+            kwargs = dict(init_kwargs or {})
+            if address is None and scaling is not None and "num_cpus" not in kwargs:
+                kwargs.update(local_cpus(scaling))
             # "local": a new Ray, not one that `ray start` left on this machine.
-            ray.init(address=address or "local", **(init_kwargs or {}))
+            ray.init(address=address or "local", **kwargs)
             _ray_started_here = True
         _ray_users += 1
     try:
@@ -72,6 +77,41 @@ def ray_connection(address: str | None = None, init_kwargs: dict | None = None) 
             if _ray_users == 0 and _ray_started_here:
                 ray.shutdown()
                 _ray_started_here = False
+
+
+def local_cpus(scaling: ScalingConfig) -> dict[str, int]:
+    """``num_cpus`` for a local Ray whose workers would take every CPU of the machine: one
+    logical CPU more, so Ray Data's read tasks (and whatever else the run starts) are never
+    starved. Otherwise nothing: Ray's own count. A group that does not fit is not helped."""
+    try:
+        from ray._private.utils import get_num_cpus  # Ray's count (cgroup limits included)
+
+        cores = get_num_cpus()
+    except Exception:  # noqa: BLE001 - a private helper: fall back to the OS's count
+        cores = os.cpu_count() or 1
+    need = scaling.worker_resources.get("CPU", 0.0) * scaling.num_workers
+    if need <= cores < need + 1:
+        logger.info("Starting the local Ray with %d logical CPUs (the machine has %g): the "
+                    "%d workers take %g, one is left for Ray Data's tasks", math.ceil(need) + 1,
+                    cores, scaling.num_workers, need)
+        return {"num_cpus": math.ceil(need) + 1}
+    return {}
+
+
+def check_cpus_left_for_data(scaling: ScalingConfig, workers: int) -> None:
+    """A run with ``datasets=`` needs a CPU besides its workers for Ray Data's read and map
+    tasks; a cluster whose CPUs the workers (and the caller) take would wait forever."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    taken = scaling.worker_resources.get("CPU", 0.0) * workers + held_by_caller()[1].get(
+        "CPU", 0.0)
+    if total - taken < 1 and not settings.settings().allow_autoscaling:
+        raise ResourcesUnavailableError(
+            f"datasets= needs a CPU for Ray Data's read tasks, but the {workers} workers "
+            f"(and the task that runs train) take {taken:g} of the cluster's {total:g} CPUs, "
+            "so reading would wait forever: use fewer workers, a fraction of a CPU each "
+            "(resources_per_worker={'CPU': 0.5}), or a cluster with more CPUs (a local Ray "
+            "that train starts leaves one for it by itself)",
+            requested={"CPU": taken + 1}, available={"CPU": total})
 
 
 def capacity_now(scaling: ScalingConfig) -> int:

@@ -71,6 +71,11 @@ def serialize_train_function(fn: Callable) -> bytes:
         raise ConfigurationError(
             f"the training function must be callable, got {type(fn).__name__}: pass the "
             "function itself, e.g. train(train_loop), not train(train_loop())")
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigurationError(
+            f"the training function {getattr(fn, '__qualname__', fn)!r} is `async def`: each "
+            "worker calls it and needs its result, not a coroutine. Make it a plain `def` (run "
+            "async code inside it with asyncio.run(...))")
     try:
         with by_value(user_modules([fn])):
             return cloudpickle.dumps(fn)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .. import settings
 from ..backends import BackendConfig, resolve_backend
-from ..callbacks import RichProgress, TrainingCallback
+from ..callbacks import RichProgress, TrainingCallback, callback_list
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.fs import redact_url
 from ..checkpoints.lease import holder_identity
@@ -28,11 +28,16 @@ from ..checkpoints.retry import RetryPolicy
 from ..checkpoints.storage import RunStorage
 from ..config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, run_name_part
 from ..exceptions import ConfigurationError
-from ..integrations.data import DataConfig, resolve_datasets, split_datasets
+from ..integrations.data import DataConfig, needs_tasks, resolve_datasets, split_datasets
 from ..logs import WorkerLogs
 from ..result import RunReport, TrainResult
 from .backend_setup import BackendSetup
-from .cluster import capacity_now, check_cluster_can_hold, ray_connection
+from .cluster import (
+    capacity_now,
+    check_cluster_can_hold,
+    check_cpus_left_for_data,
+    ray_connection,
+)
 from .controller import RunOutcome, RunSpec, run_training
 from .failure_policy import MESSAGE_LIMIT, Decision, Failure, classify, decide, should_resize
 from .history import RunHistory
@@ -94,6 +99,7 @@ class Trainer:
         if checkpoint is not None and not isinstance(checkpoint, CheckpointConfig):
             raise ConfigurationError(
                 f"checkpoint must be a CheckpointConfig, got {type(checkpoint).__name__}")
+        self.backend_config.check_scaling(scaling.use_gpu)
         self.scaling = scaling
         self.run_config = run or RunConfig()
         self.checkpoint_config = checkpoint or CheckpointConfig()
@@ -136,7 +142,8 @@ class Trainer:
             return
         if self._ray is None:
             stack = contextlib.ExitStack()
-            stack.enter_context(ray_connection(self.ray_address, self.ray_init_kwargs))
+            stack.enter_context(ray_connection(self.ray_address, self.ray_init_kwargs,
+                                               self.scaling))
             self._ray = stack
         try:
             if not self._cluster_checked:
@@ -205,11 +212,7 @@ class Trainer:
         if data_config is not None and not isinstance(data_config, DataConfig):
             raise ConfigurationError(
                 f"data_config must be a DataConfig, got {type(data_config).__name__}")
-        callbacks = list(callbacks or [])
-        for callback in callbacks:
-            if not isinstance(callback, TrainingCallback):
-                raise ConfigurationError(
-                    f"callbacks must be TrainingCallback instances, got {type(callback).__name__}")
+        callbacks = callback_list(callbacks)
         total = self.run_config.total
         show_bar = self.progress_bar if self.progress_bar is not None else sys.stdout.isatty()
         if total and show_bar:
@@ -270,6 +273,8 @@ class Trainer:
             self.start(expect_full=grow)
             group = self._group
             assert group is not None
+            if needs_tasks(datasets):
+                check_cpus_left_for_data(self.scaling, len(group))
             history.forget_after(resume.index if resume is not None and resume.index else 0)
             record = ledger.begin(world_size=len(group), resumed_from=resume,
                                   restart_cause=restart_cause, at_least=attempt + 1)

@@ -131,6 +131,17 @@ def resolve_datasets(datasets: Mapping[str, Any] | None, storage_url: str = "",
     return resolved
 
 
+def needs_tasks(datasets: Mapping[str, Any] | None) -> bool:
+    """Whether reading the datasets runs Ray tasks (each needs a CPU): anything not already
+    materialized in Ray's object store."""
+    if not datasets:
+        return False
+    import_ray_data()
+    from ray.data.dataset import MaterializedDataset
+
+    return any(not isinstance(ds, MaterializedDataset) for ds in datasets.values())
+
+
 def split_datasets(datasets: Mapping[str, Any], world_size: int, config: DataConfig,
                    node_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """One ``{name: DataIterator}`` per rank: split datasets streamed in disjoint shares, the

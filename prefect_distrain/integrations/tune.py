@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..callbacks import TrainingCallback
+from ..callbacks import TrainingCallback, callback_list
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.fs import redact_url
 from ..checkpoints.manager import best_first, score
@@ -163,7 +163,7 @@ def tune(train_loop: Callable, *, search_space: dict[str, Any], metric: str, mod
             flow_run_name=f"sweep-{run.name}",
             task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
         return sweep(train_loop, configs, metric, mode, scope, scheduler, backend, scaling, run,
-                     checkpoint, failure, callbacks or [])
+                     checkpoint, failure, callback_list(callbacks))
 
 
 def _sweep_name(train_loop: Callable, search_space: dict, num_samples: int) -> str:

@@ -35,7 +35,7 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
 from ..backends import BackendConfig
-from ..callbacks import TrainingCallback
+from ..callbacks import TrainingCallback, callback_list
 from ..checkpoints.checkpoint import Checkpoint
 from ..config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, run_name_part
 from ..exceptions import ConfigurationError
@@ -186,7 +186,8 @@ def train(
     result, error = None, None
     try:
         with _slots(trainer.scaling, logger), trainer:
-            result = trainer.fit(train_loop, config=config, callbacks=[*(callbacks or []), *shown],
+            result = trainer.fit(train_loop, config=config,
+                                 callbacks=[*callback_list(callbacks), *shown],
                                  resume_from_checkpoint=resume_from_checkpoint,
                                  datasets=datasets, data_config=data_config)
     except BaseException as failure:

@@ -27,10 +27,13 @@ This module never imports Prefect: workers stay light and start fast.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import queue
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
+
+from ray import cloudpickle
 
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.storage import RunStorage
@@ -131,6 +134,7 @@ class Session:
         bad_keys = [k for k in metrics if not isinstance(k, str)]
         if bad_keys:
             raise TypeError(f"report() metric names must be strings, got {bad_keys!r}")
+        _check_sendable(metrics)
         if self.auto.replaying:
             return  # a pass done before the restart: its report was delivered then
         self.progress += 1
@@ -201,3 +205,21 @@ class Session:
     def _wait_for_driver(self, done: Callable[[], bool]) -> None:
         with self.busy_with("waiting for the driver"), self._driver:
             self._driver.wait_for(done)
+
+
+def _check_sendable(metrics: Mapping[str, Any]) -> None:
+    """Metrics travel to the driver pickled: one that cannot is named here, in the loop, not
+    as a serialization error of the worker's stream. Plain pickle first (microseconds)."""
+    try:
+        pickle.dumps(dict(metrics), protocol=pickle.HIGHEST_PROTOCOL)
+        return
+    except Exception:  # noqa: BLE001 - cloudpickle (what Ray uses) may still manage
+        pass
+    for key, value in metrics.items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception as error:  # noqa: BLE001 - named below
+            raise TypeError(
+                f"metric {key!r} ({type(value).__module__}.{type(value).__qualname__}) cannot "
+                f"be sent to the driver ({error}): report plain values, e.g. numbers, strings, "
+                "lists or dicts of them (loss.item() rather than a tensor with a graph)") from None
