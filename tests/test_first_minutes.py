@@ -88,8 +88,8 @@ def test_bad_functions_callbacks_metrics_and_returns_name_the_fix(tmp_path):
                                             r"to the driver .* report plain values") as caught:
             trainer.fit(locked_metric_loop)
         assert caught.value.retryable is False
-        with pytest.raises(TypeError, match=r"the training function returned a _thread\.lock "
-                                            r"that cannot be sent to the driver"):
+        with pytest.raises(TypeError, match=r"the training function's return value "
+                                            r"\(_thread\.lock\) cannot be sent to the driver"):
             trainer.fit(lock_returning_loop)
     assert_no_train_actors()
 

@@ -26,6 +26,7 @@ from ..exceptions import StopTraining
 from ..logs import capture
 from ..session import Session, set_current_session
 from ..session.context import WorkerInfo, set_worker_info
+from ..session.core import check_sendable
 
 #: How long a worker gathers plain reports and log lines into one message to the driver. Each
 #: message is a Ray object; one per report would cost more CPU than a small training step.
@@ -125,7 +126,8 @@ class TrainWorker:
                         value = fn(config) if pass_config else fn()
                     except StopTraining:
                         value = None  # a callback stopped the run: not a failure
-                _check_return_value(value)
+                check_sendable(value, "the training function's return value", "return plain "
+                               "data (numbers, lists, dicts, tensors, arrays) or checkpoint it")
                 session.finish()
                 session.outbox.put(("done", value))
             except BaseException as error:  # noqa: BLE001 - every outcome must reach the driver
@@ -146,18 +148,6 @@ class TrainWorker:
             ended.set()
             set_current_session(None)
             self.session = None
-
-
-def _check_return_value(value: Any) -> None:
-    """The function's return value travels to the driver pickled: say so here when it can't."""
-    try:
-        cloudpickle.dumps(value)
-    except Exception as error:  # noqa: BLE001 - named below
-        raise TypeError(
-            f"the training function returned a {type(value).__module__}."
-            f"{type(value).__qualname__} that cannot be sent to the driver ({error}): return "
-            "plain data (numbers, lists, dicts, tensors, arrays) or save it to a checkpoint"
-        ) from None
 
 
 def _end_after(seconds: float) -> None:

@@ -216,10 +216,15 @@ def _check_sendable(metrics: Mapping[str, Any]) -> None:
     except Exception:  # noqa: BLE001 - cloudpickle (what Ray uses) may still manage
         pass
     for key, value in metrics.items():
-        try:
-            cloudpickle.dumps(value)
-        except Exception as error:  # noqa: BLE001 - named below
-            raise TypeError(
-                f"metric {key!r} ({type(value).__module__}.{type(value).__qualname__}) cannot "
-                f"be sent to the driver ({error}): report plain values, e.g. numbers, strings, "
-                "lists or dicts of them (loss.item() rather than a tensor with a graph)") from None
+        check_sendable(value, f"metric {key!r}", "report plain values, e.g. numbers, strings, "
+                       "lists or dicts of them (loss.item() rather than a tensor with a graph)")
+
+
+def check_sendable(value: Any, what: str, fix: str) -> None:
+    """``TypeError`` naming ``what`` and ``fix`` when ``value`` cannot travel to the driver."""
+    try:
+        cloudpickle.dumps(value)
+    except Exception as error:  # noqa: BLE001 - named below
+        raise TypeError(
+            f"{what} ({type(value).__module__}.{type(value).__qualname__}) cannot be sent to "
+            f"the driver ({error}): {fix}") from None
