@@ -32,6 +32,7 @@ import math
 import time
 from typing import Any, Iterable, TypeVar
 
+from .. import settings
 from ..config import CheckpointConfig
 from ..exceptions import ConfigurationError
 from .checkpoint import Checkpoint
@@ -289,7 +290,8 @@ class CheckpointManager:
         records = {a["attempt"]: a for a in self.attempts()}
         folders = {attempt for _, _, attempt in self.storage.checkpoint_folders()}
         now, mine = time.time(), self.lease.generation if self.lease else None
-        timeout = self.lease.timeout_s if self.lease else 0.0
+        # Without a lease of our own (a look from outside): the writers' own timeout.
+        timeout = self.lease.timeout_s if self.lease else settings.settings().lease_timeout_s
         dead = set()
         for attempt in (set(records) | folders) - {current_attempt}:
             record = records.get(attempt)
