@@ -36,7 +36,8 @@ class ScalingConfig:
 
     ``min_workers`` makes the group elastic: it starts (and restarts after a loss) with as many
     workers as the cluster holds, down to ``min_workers``, and grows back to ``num_workers`` at
-    the next committed checkpoint once the cluster can hold them again.
+    the next committed checkpoint once the cluster can hold them again. ``num_workers=(min,
+    max)``, as Ray Train takes it, is ``num_workers=max, min_workers=min``.
 
     ``concurrency_limit``: the name of a Prefect global concurrency limit (``prefect gcl create
     gpus --limit 8``) whose slots count what the run holds: one per worker, or one per GPU with
@@ -45,7 +46,7 @@ class ScalingConfig:
     ``train`` (the Prefect task) takes them; a missing limit is an error that names it.
     """
 
-    num_workers: int = 1
+    num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: str = "PACK"
@@ -53,6 +54,14 @@ class ScalingConfig:
     concurrency_limit: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_workers, (tuple, list)):  # Ray Train's (min, max)
+            if len(self.num_workers) != 2 or self.min_workers is not None:
+                raise ConfigurationError(
+                    f"num_workers={self.num_workers!r}: give one number, or (min, max) for an "
+                    "elastic group (and then no min_workers)")
+            least, most = self.num_workers
+            object.__setattr__(self, "num_workers", most)
+            object.__setattr__(self, "min_workers", least)
         if not isinstance(self.use_gpu, bool):
             raise ConfigurationError(
                 f"use_gpu must be True or False (got {self.use_gpu!r})")

@@ -48,7 +48,11 @@ def test_a_bad_setting_is_refused_where_it_is_written(make, message):
 
 def test_forgiving_spellings_mean_what_they_say():
     """What a user plainly meant is taken: no storage options, fatal exceptions as a list or
-    one class."""
+    one class, Ray Train's (min, max) workers."""
+    assert pd.ScalingConfig(num_workers=(2, 4)) == pd.ScalingConfig(num_workers=4,
+                                                                   min_workers=2)
+    with pytest.raises(pd.ConfigurationError, match=r"or \(min, max\) for an elastic group"):
+        pd.ScalingConfig(num_workers=(1, 2, 3))
     assert pd.RunConfig(storage_options=None).storage_options == {}
     assert pd.FailureConfig(fatal_exceptions=[ValueError]).fatal_exceptions == (ValueError,)
     assert pd.FailureConfig(fatal_exceptions=KeyError).fatal_exceptions == (KeyError,)
@@ -143,3 +147,23 @@ def test_a_data_run_on_a_full_machine_gets_a_cpu_or_is_refused_at_once(tmp_path)
     # Every row read, on a local Ray of 3 logical CPUs, shut down when train ended.
     assert "ROWS: [(50, 3.0), (50, 3.0)]" in done.stdout, done.stdout[-3000:]
     assert "RAY LEFT RUNNING: False" in done.stdout
+
+
+def test_a_trainer_never_shut_down_exits_quietly(tmp_path):
+    """The seeds' first sample starts a trainer and never shuts it down: Ray is given back at
+    exit, before Python tears itself down (no "Exception ignored" traceback)."""
+    script = textwrap.dedent(f"""
+        import prefect_distrain as pd
+
+        def loop():
+            pd.report({{"x": 1}})
+            return 1
+
+        trainer = pd.Trainer(num_workers=2, run=pd.RunConfig(name="x", storage={str(tmp_path)!r}))
+        trainer.start()
+        print("RESULT:", trainer.run(loop))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "RESULT: [1, 1]" in done.stdout, done.stderr[-3000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-3000:]

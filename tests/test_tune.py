@@ -145,6 +145,22 @@ def test_a_prefect_retry_of_the_flow_reuses_finished_trials(tmp_path):
     assert len(os.listdir(tmp_path)) == 1, "one sweep folder: the retry found the same one"
 
 
+def test_a_sweep_outside_a_flow_is_new_each_time_unless_named(tmp_path):
+    """Called twice outside a flow, the same sweep trains twice (a changed function must not
+    find the old results); with a name, the second call reuses the first one's trials."""
+    def sweep(**run):
+        return pd.tune(tiny_loop, search_space={"lr": pd.grid([0.1])}, config={"epochs": 1},
+                       metric="loss", mode="min", scaling=pd.ScalingConfig(num_workers=1),
+                       run=pd.RunConfig(storage=str(tmp_path), **run))
+
+    first, second = sweep(), sweep()
+    assert first.sweep != second.sweep
+    assert [t.get("reused") for t in second.trials] == [None]
+    named = [sweep(name="kept"), sweep(name="kept")]
+    assert [[t.get("reused") for t in r.trials] for r in named] == [[None], [True]]
+    assert "kept" in os.listdir(tmp_path) and len(os.listdir(tmp_path)) == 3
+
+
 def test_bad_search_spaces_name_the_fix():
     with pytest.raises(pd.ConfigurationError, match="search_space takes a dict"):
         pd.tune(tiny_loop, search_space={}, metric="loss")

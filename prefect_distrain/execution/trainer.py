@@ -14,6 +14,7 @@ import contextlib
 import logging
 import sys
 import time
+import weakref
 from typing import Any, Callable
 
 from .. import settings
@@ -128,6 +129,7 @@ class Trainer:
         self._group: WorkerGroup | None = None
         self.backend = BackendSetup(self.backend_config, self.logger)
         self._ray: contextlib.ExitStack | None = None
+        self._ray_finalizer: weakref.finalize | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -145,6 +147,9 @@ class Trainer:
             stack.enter_context(ray_connection(self.ray_address, self.ray_init_kwargs,
                                                self.scaling))
             self._ray = stack
+            # A trainer never shut down gives Ray back when it is collected or, at the latest,
+            # at exit while Python can still run Ray's shutdown (not at interpreter teardown).
+            self._ray_finalizer = weakref.finalize(self, stack.close)
         try:
             if not self._cluster_checked:
                 check_cluster_can_hold(self.scaling)
@@ -169,6 +174,9 @@ class Trainer:
 
     def _release_ray(self) -> None:
         stack, self._ray = self._ray, None
+        if self._ray_finalizer is not None:
+            self._ray_finalizer.detach()
+            self._ray_finalizer = None
         if stack is not None:
             stack.close()
 

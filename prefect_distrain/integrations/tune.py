@@ -28,6 +28,7 @@ import json
 import math
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -170,7 +171,11 @@ def _sweep_name(train_loop: Callable, search_space: dict, num_samples: int) -> s
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
-    flow_run = context.flow_run.id.hex[:8] if context and context.flow_run else "standalone"
+    # In a flow, the flow run's id: a Prefect retry finds the same sweep. Outside one, a fresh
+    # name each call (a changed function must not find the old trials); give
+    # RunConfig(name=...) to resume a sweep on purpose.
+    flow_run = context.flow_run.id.hex[:8] if context and context.flow_run \
+        else f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{uuid.uuid4().hex[:4]}"
     digest = hashlib.sha1(repr((getattr(train_loop, "__qualname__", ""), search_space,
                                 num_samples)).encode()).hexdigest()[:6]
     return f"{run_name_part(train_loop)}-sweep-{flow_run}-{digest}"
