@@ -260,10 +260,7 @@ def gc(run: str = typer.Argument(..., help="the run's folder URL or path"),
     storage = _run(run, storage_options, block)
     manager = CheckpointManager(storage)
     if dry_run:
-        names = {f"{m.directory}.json" for m in storage.read_manifests()[0]}
-        dead = manager.dead_attempts(current_attempt=-1)
-        gone = [name for name, _, attempt in storage.checkpoint_folders()
-                if f"{name}.json" not in names and attempt in dead]
+        gone = manager.torn_folders(current_attempt=-1)
     else:
         try:
             manager.open(holder_identity(), settings.settings().lease_timeout_s)

@@ -3,6 +3,7 @@ must end with exactly the weights of one that never stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
@@ -104,6 +105,22 @@ def _checkpoint_now(model, optimizer, epoch, step, rank):
         pd.report({"epoch": epoch, "step": step, "jit": True},
                   checkpoint=pd.Checkpoint.from_directory(folder) if rank == 0 else None)
     raise AssertionError("the report after a preemption ends the function")
+
+
+def uninterrupted(tmp_path_factory, epochs: int) -> dict:
+    """What ``deterministic_loop`` returns on rank 0 of a run of 2 workers that never stopped:
+    every interrupted run must match it bit for bit."""
+    run = pd.RunConfig(name="reference", storage=str(tmp_path_factory.mktemp("reference")))
+    with pd.Trainer(num_workers=2, run=run) as trainer:
+        result = trainer.fit(deterministic_loop, config={"epochs": epochs})
+    assert result.failures == 0
+    return result.worker_results[0]
+
+
+def ledger(storage: str, name: str) -> list[dict]:
+    """The attempt records of run ``name``, straight from its files."""
+    folder = os.path.join(storage, name, "_attempts")
+    return [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder))]
 
 
 def same_weights(a: dict, b: dict) -> bool:

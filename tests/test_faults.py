@@ -16,7 +16,7 @@ import time
 import pytest
 import ray
 from conftest import TESTS, assert_no_train_actors, flow_run_records, live_train_actors
-from fault_loops import deterministic_loop, same_weights
+from fault_loops import deterministic_loop, ledger, same_weights, uninterrupted
 from prefect import flow
 
 import prefect_distrain as pd
@@ -29,16 +29,7 @@ EPOCHS = 6
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run every interrupted one must match bit for bit."""
-    run = pd.RunConfig(name="reference", storage=str(tmp_path_factory.mktemp("reference")))
-    with pd.Trainer(num_workers=2, run=run) as trainer:
-        result = trainer.fit(deterministic_loop, config={"epochs": EPOCHS})
-    assert result.failures == 0
-    return result.worker_results[0]
-
-
-def ledger(storage: str, name: str) -> list[dict]:
-    folder = os.path.join(storage, name, "_attempts")
-    return [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder))]
+    return uninterrupted(tmp_path_factory, EPOCHS)
 
 
 @pytest.mark.parametrize("kills", [

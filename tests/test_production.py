@@ -5,7 +5,6 @@ that fails as S3 does), each fault once, keyed on the attempt."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ import time
 import pytest
 import ray
 from conftest import assert_no_train_actors, live_train_actors
-from fault_loops import deterministic_loop, same_weights
+from fault_loops import deterministic_loop, ledger, same_weights, uninterrupted
 
 import prefect_distrain as pd
 from prefect_distrain.checkpoints.storage import RunStorage
@@ -30,14 +29,8 @@ EPOCHS = 4
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run = pd.RunConfig(name="reference", storage=str(tmp_path_factory.mktemp("reference")))
-    with pd.Trainer(num_workers=2, run=run) as trainer:
-        return trainer.fit(deterministic_loop, config={"epochs": EPOCHS}).worker_results[0]
-
-
-def ledger(storage: str, name: str) -> list[dict]:
-    folder = os.path.join(storage, name, "_attempts")
-    return [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder))]
+    """The uninterrupted run every interrupted one must match bit for bit."""
+    return uninterrupted(tmp_path_factory, EPOCHS)
 
 
 def test_a_rank_stuck_before_a_collective_is_a_hang_with_every_stack(tmp_path, reference):

@@ -268,18 +268,22 @@ class CheckpointManager:
                 self.storage.delete_checkpoint(manifest)
         self.committed = keep
 
-    def remove_torn(self, current_attempt: int) -> list[str]:
-        """Remove the folders that have no manifest at all, of attempts that are provably over
-        (see the module's rules). Returns their names."""
-        self.check_lease()
+    def torn_folders(self, current_attempt: int) -> list[str]:
+        """The folders that have no manifest at all, of attempts that are provably over (see
+        the module's rules): what ``remove_torn`` removes."""
         manifests = set(self.storage.names(MANIFESTS))
         dead = self.dead_attempts(current_attempt)
+        return [name for name, _, attempt in self.storage.checkpoint_folders()
+                if f"{name}.json" not in manifests and attempt in dead]
+
+    def remove_torn(self, current_attempt: int) -> list[str]:
+        """Remove ``torn_folders``. Returns their names."""
+        self.check_lease()
         removed = []
-        for name, _, attempt in self.storage.checkpoint_folders():
-            if f"{name}.json" not in manifests and attempt in dead:
-                with driver_io("removing a torn folder", self.storage):
-                    self.storage.remove_folder(name)
-                removed.append(name)
+        for name in self.torn_folders(current_attempt):
+            with driver_io("removing a torn folder", self.storage):
+                self.storage.remove_folder(name)
+            removed.append(name)
         if removed:
             self.logger.info("Removed torn checkpoint folders of earlier attempts: %s",
                              ", ".join(removed))

@@ -29,7 +29,7 @@ from .dispatch import Callbacks
 from .failure_policy import Failure
 from .history import RunHistory
 from .iterations import Iterations, PendingCommits
-from .poll import Watch, poll_workers
+from .poll import PollStatus, Watch, poll_workers
 from .worker_errors import worker_failure
 from .worker_group import WorkerGroup
 
@@ -217,7 +217,8 @@ def _preempt(group: WorkerGroup, spec: RunSpec, iterations: Iterations, why: str
     group.request_stop(f"the run was preempted ({why})", iterations.highest)
 
 
-def _preemption_error(spec: RunSpec, status: Any, committed: int | None) -> PreemptionError:
+def _preemption_error(spec: RunSpec, status: PollStatus, committed: int | None
+                      ) -> PreemptionError:
     ranks = list(status.preempted_ranks)
     kept = f"checkpoint {committed}" if committed is not None else "no checkpoint yet"
     late = (f"; ranks {list(status.unfinished)} did not end within the grace period"
