@@ -70,7 +70,8 @@ def digits_loop(config):
     loss_fn = torch.nn.CrossEntropyLoss()
     rank = pd.get_context().get_world_rank()
     for epoch in range(start, config["epochs"]):
-        loader.sampler.set_epoch(epoch)
+        if hasattr(loader.sampler, "set_epoch"):  # a DistributedSampler (several workers)
+            loader.sampler.set_epoch(epoch)
         model.train()
         for xb, yb in loader:
             optimizer.zero_grad()

@@ -1,7 +1,7 @@
 """Horovod quickstart: two Ray workers train a digits classifier with ``horovod.torch``, as one
 Prefect task.
 
-    bash scripts/install_horovod.sh      # once: builds Horovod 0.28.1 with gloo (see README)
+    bash scripts/install_horovod.sh      # once: Horovod 0.28.1 with gloo (docs/backends.md)
     python flows/horovod_quickstart.py
 
 The backend runs Horovod's gloo rendezvous on the driver and gives every worker its ranks in

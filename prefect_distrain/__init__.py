@@ -23,12 +23,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import callbacks
+from . import callbacks, collective
 from .backends import Backend, BackendConfig, available_backends
 from .callbacks import EarlyStopping, PrintingCallback, TrainingCallback
 from .checkpoints.checkpoint import Checkpoint
 from .checkpoints.lease import LeaseLostError, RunInUseError
 from .checkpoints.manager import best_checkpoint, latest_checkpoint
+from .collective import CollectiveTimeoutError
 from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from .exceptions import (
     CheckpointCorruptError,
@@ -51,6 +52,9 @@ from .execution.trainer import Trainer
 from .integrations.data import DataConfig, read_dataset
 from .integrations.schedulers import ASHAScheduler, MedianStoppingRule, TrialScheduler
 from .integrations.tune import (
+    TrialResult,
+    TuneConfig,
+    Tuner,
     TuneResult,
     choice,
     grid,
@@ -58,11 +62,22 @@ from .integrations.tune import (
     tune,
     uniform,
 )
+from .models import (
+    AliasConflictError,
+    AliasCorruptError,
+    AliasEntry,
+    AliasNotFoundError,
+    alias_history,
+    load_alias,
+    promote,
+    rollback,
+)
 from .result import TrainResult
 from .session import TrainContext, get_checkpoint, get_context, get_dataset_shard, report
+from .trainers import DataParallelTrainer, HorovodTrainer, TensorflowTrainer, TorchTrainer
 
 if TYPE_CHECKING:
-    from . import tensorflow, torch
+    from . import lightning, tensorflow, torch
     from .backends.horovod import HorovodConfig
     from .backends.tensorflow import TensorflowConfig
     from .backends.torch import TorchConfig
@@ -79,22 +94,26 @@ _LAZY = {
     "TensorflowConfig": ("prefect_distrain.backends.tensorflow", "TensorflowConfig"),
     "HorovodConfig": ("prefect_distrain.backends.horovod", "HorovodConfig"),
     "torch": ("prefect_distrain.torch", None),
+    "lightning": ("prefect_distrain.lightning", None),
     "tensorflow": ("prefect_distrain.tensorflow", None),
 }
 
 __all__ = [
-    "ASHAScheduler", "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig",
-    "CheckpointCorruptError", "CheckpointUploadError", "ConfigurationError", "DataConfig",
-    "DistrainError", "EarlyStopping", "FailureConfig", "HorovodConfig", "LeaseLostError",
-    "MedianStoppingRule", "PreemptionError", "PrintingCallback", "RemoteTraceback",
-    "ResourcesUnavailableError", "RunConfig", "RunInUseError", "RunTimeoutError", "ScalingConfig",
-    "StopTraining", "StorageError", "TensorflowConfig", "TorchConfig", "TrainContext",
-    "TrainResult", "Trainer", "TrainingCallback", "TrainingHangError", "TrialScheduler",
-    "TuneResult", "UnequalReportsError", "UnsafeCheckpointError", "WorkerError", "WorkerLostError",
-    "available_backends", "best_checkpoint", "callbacks", "choice", "get_checkpoint",
-    "get_context", "get_dataset_shard", "grid", "latest_checkpoint", "loguniform",
-    "ray_task_runner", "read_dataset", "report", "retry_on_infrastructure", "tensorflow", "torch",
-    "train", "tune", "uniform",
+    "ASHAScheduler", "AliasConflictError", "AliasCorruptError", "AliasEntry", "AliasNotFoundError",
+    "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
+    "CheckpointUploadError", "CollectiveTimeoutError", "ConfigurationError", "DataConfig",
+    "DataParallelTrainer", "DistrainError", "EarlyStopping", "FailureConfig", "HorovodConfig",
+    "HorovodTrainer", "LeaseLostError", "MedianStoppingRule", "PreemptionError",
+    "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError", "RunConfig",
+    "RunInUseError", "RunTimeoutError", "ScalingConfig", "StopTraining", "StorageError",
+    "TensorflowConfig", "TensorflowTrainer", "TorchConfig", "TorchTrainer", "TrainContext",
+    "TrainResult", "Trainer", "TrainingCallback", "TrainingHangError", "TrialResult",
+    "TrialScheduler", "TuneConfig", "TuneResult", "Tuner", "UnequalReportsError",
+    "UnsafeCheckpointError", "WorkerError", "WorkerLostError", "alias_history",
+    "available_backends", "best_checkpoint", "callbacks", "choice", "collective", "get_checkpoint",
+    "get_context", "get_dataset_shard", "grid", "latest_checkpoint", "lightning", "load_alias",
+    "loguniform", "promote", "ray_task_runner", "read_dataset", "report",
+    "retry_on_infrastructure", "rollback", "tensorflow", "torch", "train", "tune", "uniform",
 ]
 
 

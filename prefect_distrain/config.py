@@ -39,6 +39,10 @@ class ScalingConfig:
     the next committed checkpoint once the cluster can hold them again. ``num_workers=(min,
     max)``, as Ray Train takes it, is ``num_workers=max, min_workers=min``.
 
+    ``num_workers=0`` is local mode: the function runs in this process as the one rank, with
+    the same reports, checkpoints and artifacts and no Ray started (for pdb and for unit tests
+    of a loop; no process group, no Ray Data shards).
+
     ``concurrency_limit``: the name of a Prefect global concurrency limit (``prefect gcl create
     gpus --limit 8``) whose slots count what the run holds: one per worker, or one per GPU with
     ``use_gpu``. ``train`` waits for the slots before it starts the workers and gives them back
@@ -66,10 +70,15 @@ class ScalingConfig:
             raise ConfigurationError(
                 f"use_gpu must be True or False (got {self.use_gpu!r})")
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) \
-                or self.num_workers < 1:
+                or self.num_workers < 0:
             raise ConfigurationError(
                 f"num_workers must be an integer of at least 1 (got {self.num_workers!r}): set "
-                "ScalingConfig(num_workers=N) to the number of training processes you want")
+                "ScalingConfig(num_workers=N) to the number of training processes you want "
+                "(0 runs the function in this process, for debugging)")
+        if self.local and (self.min_workers is not None or self.use_gpu):
+            raise ConfigurationError(
+                "num_workers=0 runs the function in this process on its CPU, with no Ray: "
+                "drop min_workers and use_gpu, or give num_workers=1 or more")
         if self.min_workers is not None and (
                 not isinstance(self.min_workers, int) or isinstance(self.min_workers, bool)
                 or not 1 <= self.min_workers <= self.num_workers):
@@ -112,6 +121,11 @@ class ScalingConfig:
         workers."""
         gpus = self.worker_resources.get("GPU", 0.0)
         return max(1, math.ceil(gpus * self.num_workers)) if gpus else self.num_workers
+
+    @property
+    def local(self) -> bool:
+        """Local mode: the function runs in the calling process (``num_workers=0``)."""
+        return self.num_workers == 0
 
     @property
     def least_workers(self) -> int:
@@ -242,6 +256,11 @@ class CheckpointConfig:
     first loader prepared (or the "train" dataset shard) is the training data; other state (an
     LR scheduler stepped per batch) is not saved. ``"manual"`` (default): only what the loop
     reports.
+
+    Every rank may report a checkpoint with the same file names (as Ray's examples do): each
+    name is uploaded once, by the lowest rank that wrote it. Copies that differ keep that
+    rank's with a warning (``rank_conflicts="warn"``, Ray's behaviour) or fail the run
+    (``"fail"``).
     """
 
     num_to_keep: int | None = None
@@ -251,6 +270,7 @@ class CheckpointConfig:
     mode: str = "manual"
     upload_retries: int = 5
     upload_backoff_max_s: float = 20.0
+    rank_conflicts: str = "warn"
 
     def __post_init__(self) -> None:
         if self.num_to_keep is not None and (
@@ -274,6 +294,10 @@ class CheckpointConfig:
             raise ConfigurationError(
                 f"upload_backoff_max_s must be a positive number of seconds (got "
                 f"{self.upload_backoff_max_s!r})")
+        if self.rank_conflicts not in ("warn", "fail"):
+            raise ConfigurationError(
+                f"rank_conflicts {self.rank_conflicts!r}: use 'warn' (keep the lowest rank's "
+                "copy of a file several ranks wrote differently) or 'fail'")
         if self.mode not in ("manual", "auto"):
             raise ConfigurationError(
                 f"mode {self.mode!r}: use 'auto' (checkpoint the prepared model, optimizer and "

@@ -43,6 +43,18 @@ class TrainResult:
     metrics_history_all_ranks: list[list[dict[str, Any]]] = field(default_factory=list)
     wall_time_s: float = field(default=0.0, compare=False)
 
+    @property
+    def error(self) -> BaseException | None:
+        """Ray's ``Result.error``: always None here, as a failed run raises instead."""
+        return None
+
+    @property
+    def metrics_dataframe(self) -> Any:
+        """Rank 0's reports as a pandas DataFrame, one row per report (Ray's name)."""
+        import pandas
+
+        return pandas.DataFrame(self.metrics_history)
+
 
 @dataclass(frozen=True)
 class RunReport:

@@ -44,6 +44,10 @@ class DistrainSettings(BaseSettings):
         default=60.0, gt=0, description="A run's writer renews its lease every quarter of this; "
         "a lease not renewed for this long is taken over by the next writer of the run name "
         "(sooner when its process is known to be gone). Long enough for a busy driver.")
+    link_expiry_s: float = Field(
+        default=0.0, ge=0, description="Links in Prefect's artifacts to checkpoints in object "
+        "storage: 0 shows the path as text; more makes a presigned HTTPS link (S3, GCS) valid "
+        "this long, which anyone holding it can download with until then.")
     allow_autoscaling: bool = Field(
         default=False, description="Skip the 'can this cluster ever hold the group' check, "
                                    "for clusters with an autoscaler.")

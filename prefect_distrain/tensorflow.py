@@ -30,11 +30,12 @@ from typing import Any
 from .backends.tensorflow import TIMEOUT_ENV, TensorflowConfig, import_tensorflow
 from .checkpoints.checkpoint import Checkpoint
 from .session import current_session, get_context, report
+from .trainers import TensorflowTrainer
 
 tf = import_tensorflow()
 
-__all__ = ["ReportCheckpointCallback", "TensorflowConfig", "load_model", "next_epoch",
-           "strategy"]
+__all__ = ["ReportCheckpointCallback", "TensorflowConfig", "TensorflowTrainer", "load_model",
+           "next_epoch", "strategy"]
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"

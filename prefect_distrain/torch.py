@@ -35,6 +35,7 @@ from .backends.torch import TorchConfig, cuda_device_index, import_torch
 from .checkpoints.checkpoint import Checkpoint
 from .exceptions import ConfigurationError, UnsafeCheckpointError
 from .session import current_session
+from .trainers import TorchTrainer
 
 torch = import_torch()
 
@@ -47,8 +48,9 @@ from torch.utils.data import (  # noqa: E402
     RandomSampler,
 )
 
-__all__ = ["TorchConfig", "accelerate", "backward", "enable_reproducibility", "get_device",
-           "load_state", "prepare_data_loader", "prepare_model", "prepare_optimizer"]
+__all__ = ["TorchConfig", "TorchTrainer", "accelerate", "backward", "enable_reproducibility",
+           "get_device", "load_state", "prepare_data_loader", "prepare_model",
+           "prepare_optimizer"]
 
 
 def _world_size() -> int:

@@ -167,3 +167,55 @@ def test_a_trainer_never_shut_down_exits_quietly(tmp_path):
                           timeout=300)
     assert done.returncode == 0 and "RESULT: [1, 1]" in done.stdout, done.stderr[-3000:]
     assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
+
+
+def test_train_outside_a_flow_says_nothing_about_a_missing_flow_run(tmp_path):
+    """Prefect drops a task's last log line outside a flow with a warning; ``train``'s is
+    dropped quietly (other tasks keep Prefect's behaviour)."""
+    script = textwrap.dedent(f"""
+        import prefect_distrain as pd
+        from prefect import task
+
+        def loop():
+            pd.report({{"x": 1}})
+
+        result = pd.train(loop, run=pd.RunConfig(storage={str(tmp_path)!r}))
+        print("METRICS:", result.metrics["x"])
+
+        @task
+        def other():
+            return 2
+
+        print("OTHER:", other())
+    """)
+    # -W always: the other task's warning comes from the same line as train's would
+    done = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "METRICS: 1" in done.stdout, done.stderr[-3000:]
+    warned = [line for line in done.stderr.splitlines() if "without a flow run id" in line]
+    assert len(warned) == 1 and "'prefect.task_runs'" in warned[0], done.stderr[-3000:]
+
+
+def test_each_worker_line_reaches_the_terminal_once(tmp_path):
+    """Our [rank N] line, without Ray's (TrainWorker pid=...) echo of the same print."""
+    script = textwrap.dedent(f"""
+        import logging
+        import prefect_distrain as pd
+
+        logging.basicConfig(level=logging.INFO)
+
+        def loop():
+            print("hello from rank", pd.get_context().get_world_rank())
+            pd.report({{"x": 1}})
+
+        run = pd.RunConfig(storage={str(tmp_path)!r}, other_ranks_log_level="INFO")
+        with pd.Trainer(num_workers=2, run=run) as trainer:
+            trainer.fit(loop)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    for rank in (0, 1):
+        assert output.count(f"hello from rank {rank}") == 1, output[-3000:]
+    assert "(TrainWorker pid=" not in output, output[-3000:]

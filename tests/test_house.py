@@ -1,5 +1,5 @@
-"""The house: every module imports first on its own, and the failure policy's rules (the README's
-"Failure classes") hold, row by row, without Ray."""
+"""The house: every module imports first on its own, and the failure policy's rules
+(docs/failures.md, "Failure classes") hold, row by row, without Ray."""
 
 from __future__ import annotations
 

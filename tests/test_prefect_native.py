@@ -3,8 +3,10 @@ ranks, the progress artifact, the summary, the events; blocks; settings; warm st
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import re
 import tempfile
 import time
 
@@ -82,10 +84,17 @@ def test_logs_progress_summary_and_events_reach_prefect(tmp_path):
     summary = [a for a in artifacts if a.key == "talkative-summary"][0].data
     assert "# Training run `talkative`: completed" in summary
     assert "| torch | 2 | 1 |" in summary
-    assert f"file://{tmp_path}/talkative/checkpoint_000003-a0" in summary
+    # A local path opens nothing in a browser: shown as text, not as a file:// link
+    assert f"| 3 (`{tmp_path}/talkative/checkpoint_000003-a0`) |" in summary
+    assert "file://" not in summary
     assert "| loss | 0.3333 |" in summary and "█" in summary
     svg = (tmp_path / "talkative" / "metrics.svg").read_text()
     assert svg.startswith("<svg") and "loss: 1 &#8594; 0.3333" in svg
+    # ... and inline, as an image the UI shows
+    inline = re.search(r"!\[[^]]*\]\(data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", summary)
+    assert inline and base64.b64decode(inline.group(1)).decode() == svg
+    [link] = [a for a in artifacts if a.key == "talkative-checkpoint"][-1:]
+    assert link.type == "markdown" and "checkpoint_000003-a0`" in link.data
 
     committed = [e for e in events if e.event == "prefect-distrain.checkpoint.committed"
                  and e.resource.id.startswith("prefect-distrain.checkpoint.talkative.")]
@@ -222,3 +231,28 @@ def test_a_terminal_progress_bar_follows_the_reports(tmp_path):
     with pd.Trainer(num_workers=2, run=pd.RunConfig(name="bar", storage=str(tmp_path))) as trainer:
         trainer.fit(talkative_loop, config={"epochs": 3}, callbacks=[bar])
     assert "100%" in screen.getvalue() and "training bar" in screen.getvalue()
+
+
+def test_object_store_links_are_text_unless_presigned_links_are_allowed(s3_storage,
+                                                                        monkeypatch):
+    """An s3:// URL opens nothing in a browser: text by default; with
+    PREFECT_DISTRAIN_LINK_EXPIRY_S a presigned HTTPS link that downloads the file, and never
+    the secret."""
+    import urllib.request
+
+    import s3fs
+    from conftest import S3_SECRET
+
+    from prefect_distrain.prefect.artifacts import browser_url, location_markdown
+
+    options = s3_storage["storage_options"]
+    s3fs.S3FileSystem(**options).pipe_file("models/runs/r/metrics.svg", b"<svg/>")
+    url = "s3://models/runs/r/metrics.svg"
+    assert browser_url(url, options) is None
+    assert location_markdown(url, "chart", options) == "chart (`s3://models/runs/r/metrics.svg`)"
+    monkeypatch.setenv("PREFECT_DISTRAIN_LINK_EXPIRY_S", "600")
+    signed = browser_url(url, options)
+    assert signed.startswith(options["client_kwargs"]["endpoint_url"]) and "Signature" in signed
+    assert S3_SECRET not in signed
+    assert urllib.request.urlopen(signed, timeout=10).read() == b"<svg/>"
+    assert location_markdown(url, "chart", options) == f"[chart]({signed})"

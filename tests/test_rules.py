@@ -1,4 +1,4 @@
-"""The README's rules ("What happens, and the rules", "Failures, restarts and retries"), one
+"""The rules of docs/checkpoints.md and docs/failures.md ("What happens", "Failures"), one
 test (or a few) per rule, each checking the outcome: files in storage, the error's type and
 message, the ledger, log lines, what the workers saw.
 
@@ -42,6 +42,7 @@ from ray.cluster_utils import Cluster
 
 import prefect_distrain as pd
 from prefect_distrain.checkpoints.fs import redact_url
+from prefect_distrain.checkpoints.manager import upload_plan
 
 #: The variables the torch backend sets on every worker, as torchrun would.
 TORCHRUN_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
@@ -517,25 +518,75 @@ def test_async_upload_keeps_one_upload_in_flight_per_rank(tmp_path):
 # -- Two ranks, one file name, one checkpoint ---------------------------------------------------
 
 
-def same_name_loop():
-    with tempfile.TemporaryDirectory() as folder:
-        torch.save({"rank": pd.get_context().get_world_rank()}, os.path.join(folder, "model.pt"))
-        pd.report({"step": 0}, checkpoint=pd.Checkpoint.from_directory(folder))
+def same_name_loop(config):
+    """Every rank writes model.pt (the same bytes unless ``differ``) and a shard of its own."""
+    rank = pd.get_context().get_world_rank()
+    for step in range(config.get("steps", 1)):
+        with tempfile.TemporaryDirectory() as folder:
+            model = {"step": step, "rank": rank if config.get("differ") else 0}
+            torch.save(model, os.path.join(folder, "model.pt"))
+            with open(os.path.join(folder, f"shard_{rank}.bin"), "wb") as f:
+                f.write(bytes([rank]) * 100)
+            pd.report({"step": step}, checkpoint=pd.Checkpoint.from_directory(folder))
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_two_ranks_writing_the_same_file_name_fail_the_run(tmp_path):
+@pytest.mark.parametrize("upload", ["sync", "async"])
+def test_every_rank_reporting_the_same_file_names_stores_each_once(tmp_path, upload):
+    """Ray's examples report the same files from every rank: each name goes up once (the
+    lowest rank's), each rank's own names go up from that rank."""
+    with pd.Trainer(num_workers=3, run=pd.RunConfig(name="same", storage=str(tmp_path)),
+                    checkpoint=pd.CheckpointConfig(upload=upload)) as trainer:
+        result = trainer.fit(same_name_loop, config={"steps": 2})
+    manifest = result.checkpoint.manifest
+    assert {name: entry.rank for name, entry in manifest.files.items()} == {
+        "model.pt": 0, "shard_0.bin": 0, "shard_1.bin": 1, "shard_2.bin": 2}
+    folder = result.checkpoint.to_directory(str(tmp_path / "restored"))  # verified
+    assert torch.load(os.path.join(folder, "model.pt")) == {"step": 1, "rank": 0}
+    assert read(os.path.join(folder, "shard_2.bin")) == bytes([2]) * 100
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_different_contents_under_one_name_keep_rank_0s_copy_with_a_warning(tmp_path, caplog):
+    with pd.Trainer(num_workers=2, run=pd.RunConfig(name="differ", storage=str(tmp_path))) \
+            as trainer:
+        result = trainer.fit(same_name_loop, config={"differ": True})
+    folder = result.checkpoint.to_directory(str(tmp_path / "restored"))
+    assert torch.load(os.path.join(folder, "model.pt")) == {"step": 0, "rank": 0}
+    assert "checkpoint 1: ranks wrote files of the same name with different contents " \
+           "('model.pt' from ranks [0, 1])" in caplog.text
+    assert "kept the lowest rank's copy" in caplog.text
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_different_contents_under_one_name_fail_the_run_when_strict(tmp_path):
     """A bug, named, not restarted: nothing is committed."""
     with pytest.raises(pd.ConfigurationError,
-                       match="ranks 0 and 1 both wrote 'model.pt' into checkpoint 1") as caught:
+                       match=r"'model.pt' from ranks \[0, 1\]\). Give each rank's files their "
+                             "own names") as caught:
         with pd.Trainer(num_workers=2, run=pd.RunConfig(name="clash", storage=str(tmp_path)),
+                        checkpoint=pd.CheckpointConfig(rank_conflicts="fail"),
                         failure=pd.FailureConfig(max_failures=2)) as trainer:
-            trainer.fit(same_name_loop)
-    assert "give each rank's files their own names" in str(caught.value)
+            trainer.fit(same_name_loop, config={"differ": True})
+    assert "report them from one rank only" in str(caught.value)
     run_folder = tmp_path / "clash"
     assert listing(run_folder)[1] == [], "nothing was committed"
     assert [a["status"] for a in ledger(run_folder)] == ["failed"], "a bug: no restart"
     assert_no_train_actors()
+
+
+@given(st.dictionaries(st.integers(0, 5), st.lists(st.sampled_from("abcdef"), unique=True),
+                       min_size=1))
+def test_each_name_is_uploaded_by_the_lowest_rank_that_wrote_it(names_by_rank):
+    plan = upload_plan(names_by_rank)
+    assert set(plan) == {r for r in names_by_rank if r > 0}
+    uploaded: dict[str, list[int]] = {}
+    for rank, names in names_by_rank.items():
+        for name in set(names) - set(plan.get(rank, [])):
+            uploaded.setdefault(name, []).append(rank)
+    assert {name: ranks for name, ranks in uploaded.items()} == {
+        name: [min(r for r, names in names_by_rank.items() if name in names)]
+        for name in {n for names in names_by_rank.values() for n in names}}
 
 
 # -- Retention ----------------------------------------------------------------------------------

@@ -163,6 +163,8 @@ def test_a_sweep_outside_a_flow_is_new_each_time_unless_named(tmp_path):
 
 def test_bad_search_spaces_name_the_fix():
     with pytest.raises(pd.ConfigurationError, match="search_space takes a dict"):
-        pd.tune(tiny_loop, search_space={}, metric="loss")
+        pd.tune(tiny_loop, search_space=["lr"], metric="loss")
+    with pytest.raises(pd.ConfigurationError, match=r"values go at the top level"):
+        pd.tune(tiny_loop, search_space={"opt": {"lr": pd.grid([1, 2])}}, metric="loss")
     with pytest.raises(pd.ConfigurationError, match=r"search_space\['lr'\] has no values"):
         pd.tune(tiny_loop, search_space={"lr": pd.grid([])}, metric="loss")

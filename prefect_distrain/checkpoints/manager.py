@@ -12,13 +12,16 @@ Rules, each kept here only:
 
 - **Committed** means a valid manifest exists (manifest.py validates it; an invalid one is
   reported and skipped, never deleted). A commit needs the files of every rank that declared
-  the checkpoint; one with no files at all is refused.
+  the checkpoint; one with no files at all is refused. A name several ranks write is uploaded
+  by the lowest of them (``upload_plan``); copies that differ keep that rank's, with a warning
+  or, with ``rank_conflicts="fail"``, an error (``merge_files``).
 - **Best** (``best_first``): a finite score under the score attribute, higher or lower first by
   the order; NaN, infinite, missing or non-numeric scores are never best and come after every
   real score, newest first. Retention, the result's ``best_checkpoints``, ``best_checkpoint``
   and the sweeps all use this one ordering.
-- **Kept** (``num_to_keep``): the first N by that ordering, plus always the latest and the
-  checkpoint this run resumed from. Deleting removes the manifest first, then the files.
+- **Kept** (``num_to_keep``): the first N by that ordering, plus always the latest, the
+  checkpoint this run resumed from, and those a model alias points at or pointed at just before
+  (``pd.promote`` pins them). Deleting removes the manifest first, then the files.
 - **One writer** per run: a lease (lease.py); commits and deletions check it first.
 - **Torn** folders (no manifest at all) are removed only by the lease holder, and only those of
   attempts that are provably over: recorded as ended, or run by a writer that released the run
@@ -41,7 +44,7 @@ from .lease import LEASE, RunLease, takeover_reason
 from .ledger import read_attempts
 from .manifest import FileEntry, Manifest, ManifestError, parse_dirname
 from .retry import RetryCounts
-from .storage import MANIFESTS, RunStorage, driver_io
+from .storage import MANIFESTS, PINS, RunStorage, driver_io, pinned_folder
 
 T = TypeVar("T")
 
@@ -84,24 +87,60 @@ def latest(manifests: Iterable[Manifest]) -> Manifest | None:
     return max(manifests, key=lambda m: (m.index, m.attempt), default=None)
 
 
-def merge_files(index: int, files_by_rank: dict[int, dict[str, FileEntry]]
+def merge_files(index: int, files_by_rank: dict[int, dict[str, FileEntry]],
+                skipped_by_rank: dict[int, dict[str, FileEntry]] | None = None,
+                conflicts: str = "warn", logger: logging.Logger | None = None
                 ) -> dict[str, FileEntry]:
-    """Every rank's files of one checkpoint; the same name from two ranks is refused."""
+    """Every rank's files of one checkpoint. A name that several ranks wrote was uploaded by
+    the lowest of them only (the others skipped it: ``skipped_by_rank``); the same contents
+    are stored once, different ones keep the lowest rank's copy with a warning, or fail the
+    run with ``conflicts="fail"``."""
     files: dict[str, FileEntry] = {}
     for rank in sorted(files_by_rank):
         for name, entry in files_by_rank[rank].items():
-            if name in files:
+            if name in files:  # uploaded twice: the workers did not follow the driver's plan
                 raise ConfigurationError(
-                    f"ranks {files[name].rank} and {rank} both wrote {name!r} into checkpoint "
-                    f"{index}: report the checkpoint from one rank only, or give each rank's "
-                    f"files their own names (e.g. f'shard_{{rank}}.pt')")
+                    f"ranks {files[name].rank} and {rank} both uploaded {name!r} into "
+                    f"checkpoint {index}")
             files[name] = entry
+    differing: dict[str, list[int]] = {}
+    for rank, skipped in sorted((skipped_by_rank or {}).items()):
+        for name, entry in skipped.items():
+            kept = files.get(name)
+            if kept is not None and kept.sha256 != entry.sha256:
+                differing.setdefault(name, [kept.rank]).append(rank)
+    if differing:
+        shown = "; ".join(f"{name!r} from ranks {ranks}" for name, ranks in
+                          sorted(differing.items()))
+        message = (f"checkpoint {index}: ranks wrote files of the same name with different "
+                   f"contents ({shown})")
+        if conflicts == "fail":
+            raise ConfigurationError(
+                f"{message}. Give each rank's files their own names (e.g. f'shard_{{rank}}.pt'),"
+                " or report them from one rank only")
+        (logger or logging.getLogger("prefect_distrain")).warning(
+            "%s: kept the lowest rank's copy of each. Give each rank's files their own names "
+            "if they all matter (CheckpointConfig(rank_conflicts='fail') makes this an error)",
+            message)
     if not files:
         raise ConfigurationError(
             f"checkpoint {index} has no files: every rank that reported it passed an empty "
             "folder. Write the state into the folder before report(), or report the metrics "
             "without a checkpoint")
     return files
+
+
+def upload_plan(names_by_rank: dict[int, list[str]]) -> dict[int, list[str]]:
+    """Which of its files each rank above 0 skips: the names a lower rank writes too (the
+    lowest rank uploads each name; ``merge_files`` compares the copies)."""
+    seen: set[str] = set()
+    plan: dict[int, list[str]] = {}
+    for rank in sorted(names_by_rank):
+        names = names_by_rank[rank]
+        if rank > 0:
+            plan[rank] = sorted(seen.intersection(names))
+        seen.update(names)
+    return plan
 
 
 class CheckpointManager:
@@ -232,7 +271,8 @@ class CheckpointManager:
     # -- committing and keeping ------------------------------------------------------------
 
     def commit(self, index: int, attempt: int, files_by_rank: dict[int, dict[str, FileEntry]],
-               metrics: dict[str, Any], *, world_size: int, backend: str) -> Manifest:
+               metrics: dict[str, Any], *, world_size: int, backend: str,
+               skipped_by_rank: dict[int, dict[str, FileEntry]] | None = None) -> Manifest:
         """Write the manifest of a checkpoint whose files every declaring rank has uploaded,
         then remove torn folders (once per attempt) and apply retention."""
         attribute = self.config.checkpoint_score_attribute
@@ -242,7 +282,8 @@ class CheckpointManager:
                 f"checkpoint_score_attribute {attribute!r} is not in the metrics reported with "
                 f"checkpoint {index} (reported: {', '.join(shown) or 'none'}): report it with "
                 "every checkpoint, or change CheckpointConfig(checkpoint_score_attribute=...)")
-        files = merge_files(index, files_by_rank)
+        files = merge_files(index, files_by_rank, skipped_by_rank, self.config.rank_conflicts,
+                            self.logger)
         self.check_lease()
         manifest = Manifest.new(index, attempt, files, metrics=metrics, world_size=world_size,
                                 backend=backend,
@@ -256,10 +297,19 @@ class CheckpointManager:
         self.apply_retention()
         return manifest
 
+    def pinned(self) -> set[str]:
+        """The folders a model alias points at now or pointed at just before (``pd.promote``
+        pins them in ``_pins/``): kept whatever the retention."""
+        with driver_io("reading the model aliases' pins", self.storage):
+            names = self.storage.names(PINS)
+        return {folder for name in names if (folder := pinned_folder(name)) is not None}
+
     def apply_retention(self) -> None:
+        if self.config.num_to_keep is None:
+            return
         keep = retained(self.committed, self.config.num_to_keep,
                         self.config.checkpoint_score_attribute,
-                        self.config.checkpoint_score_order, self.protected)
+                        self.config.checkpoint_score_order, self.protected | self.pinned())
         gone = [m for m in self.committed if m not in keep]
         if gone:
             self.check_lease()

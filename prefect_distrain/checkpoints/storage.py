@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
 
@@ -36,6 +36,8 @@ from .retry import RetryPolicy, with_retries
 
 MANIFESTS = "_manifests"
 ATTEMPTS = "_attempts"
+#: Checkpoints that a model alias points at (models.py): ``<model>.<alias>.<folder>.pin``.
+PINS = "_pins"
 FORENSICS = "forensics"
 LEASE = "_lease"
 
@@ -137,25 +139,26 @@ class RunStorage:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def upload(self, local_dir: str, index: int, attempt: int, rank: int,
-               on_retry: Callable[[], None] | None = None) -> dict[str, FileEntry]:
-        """Copy a local checkpoint directory into the folder of (index, attempt).
+               on_retry: Callable[[], None] | None = None,
+               skip: Iterable[str] = ()) -> dict[str, FileEntry]:
+        """Copy a local checkpoint directory into the folder of (index, attempt), but for the
+        files named in ``skip`` (a lower rank uploads those).
 
-        Returns each file's size, sha256 and rank, for the manifest. Files go up in one
-        ``fs.put`` call, which object stores run concurrently and in multipart; a transient
+        Returns each uploaded file's size, sha256 and rank, for the manifest. Files go up in
+        one ``fs.put`` call, which object stores run concurrently and in multipart; a transient
         failure puts them all again (on a fresh filesystem), up to the retry policy.
         """
         files: dict[str, FileEntry] = {}
         local_paths, remote_paths = [], []
         target = self.path(checkpoint_dirname(index, attempt))
-        for folder, dirs, names in os.walk(local_dir):
-            dirs.sort()
-            for name in sorted(names):
-                path = os.path.join(folder, name)
-                relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
-                size, sha256 = fsutil.file_digest(path)
-                files[relative] = FileEntry(size, sha256, rank)
-                local_paths.append(path)
-                remote_paths.append(f"{target}/{relative}")
+        skip = set(skip)
+        for relative, path in local_files(local_dir):
+            if relative in skip:
+                continue
+            size, sha256 = fsutil.file_digest(path)
+            files[relative] = FileEntry(size, sha256, rank)
+            local_paths.append(path)
+            remote_paths.append(f"{target}/{relative}")
 
         def put(fresh: bool) -> None:
             fs, _ = self.filesystem(fresh)
@@ -247,3 +250,33 @@ def driver_io(what: str, storage: RunStorage) -> Iterator[None]:
     except Exception as error:
         raise StorageError(f"{what} in {fsutil.redact_url(storage.run_url)} failed: "
                            f"{fsutil.brief(error)}") from error
+
+
+def local_files(local_dir: str) -> list[tuple[str, str]]:
+    """(name in the checkpoint, local path) of every file under ``local_dir``, in order."""
+    found = []
+    for folder, dirs, names in os.walk(local_dir):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            found.append((os.path.relpath(path, local_dir).replace(os.sep, "/"), path))
+    return found
+
+
+def digests(local_dir: str, names: Iterable[str], rank: int) -> dict[str, FileEntry]:
+    """Size, sha256 and rank of the named files under ``local_dir``."""
+    wanted = set(names)
+    return {relative: FileEntry(*fsutil.file_digest(path), rank)
+            for relative, path in local_files(local_dir) if relative in wanted}
+
+
+def pin_name(model: str, alias: str, directory: str) -> str:
+    return f"{model}.{alias}.{directory}.pin"
+
+
+def pinned_folder(name: str) -> str | None:
+    """The checkpoint folder a pin's file name holds, or None for another name."""
+    if not name.endswith(".pin"):
+        return None
+    folder = name[:-len(".pin")].rsplit(".", 1)[-1]
+    return folder if parse_dirname(folder) is not None else None

@@ -29,7 +29,8 @@ class BackendSetup:
         self.backend.on_start(group, self.config)
 
     def training_starts(self, group: WorkerGroup) -> None:
-        self.backend.on_training_start(group, self.config)
+        if not group.local:  # local mode: one rank in the caller's process, nothing to set up
+            self.backend.on_training_start(group, self.config)
 
     def is_runtime_failure(self, error: BaseException) -> bool:
         return self.backend.is_runtime_failure(error)
@@ -38,7 +39,7 @@ class BackendSetup:
         """Before the group's actors are killed: a graceful shutdown after a clean run (its
         failure is logged, the actors die anyway); in every case, free the driver's side."""
         try:
-            if graceful and group is not None and group.started:
+            if graceful and group is not None and group.started and not group.local:
                 try:
                     self.backend.on_shutdown(group, self.config)
                 except Exception as error:  # noqa: BLE001 - the actors die below anyway

@@ -16,13 +16,24 @@ import math
 import os
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import ray
 
 from .. import settings
 from ..config import ScalingConfig
-from ..exceptions import ResourcesUnavailableError
+from ..exceptions import ConfigurationError, ResourcesUnavailableError
+from .ray_auth import (
+    RayAuth,
+    auth_failure_message,
+    is_auth_failure,
+    ray_auth,
+    redact_address,
+    refused_for_auth,
+    reload_ray_auth,
+    split_auth,
+    token_found,
+)
 
 logger = logging.getLogger("prefect_distrain")
 
@@ -41,32 +52,44 @@ def groups_the_cluster_holds(scaling: ScalingConfig) -> int:
 _ray_lock = threading.Lock()
 _ray_users = 0
 _ray_started_here = False
+_connected_to_address = False  # the Ray started here is a cluster's, connected with ray_auth
 
 
 @contextmanager
 def ray_connection(address: str | None = None, init_kwargs: dict | None = None,
                    scaling: ScalingConfig | None = None) -> Iterator[None]:
     """Use the Ray this process is connected to; else connect to ``address`` / ``RAY_ADDRESS``;
-    else start a local Ray (sized for ``scaling``, see ``local_cpus``). Only a connection made
-    here is closed here, when its last user (e.g. the last of several mapped ``train`` tasks)
-    leaves."""
-    global _ray_users, _ray_started_here
+    else start a local Ray (sized for ``scaling``, see ``local_cpus``), without Ray's echo of
+    the workers' output unless ``init_kwargs`` ask for it. Only a connection made here is
+    closed here, when its last user (e.g. the last of several mapped ``train`` tasks) leaves.
+
+    A ``RayCluster`` block's auth token and mode (``init_kwargs[AUTH_KEY]``) are applied
+    while connecting only (``ray_auth``); a cluster that refuses the connection for its token
+    raises ``ConfigurationError`` naming the fix, fast (``refused_for_auth``)."""
+    global _ray_users, _ray_started_here, _connected_to_address
     with _ray_lock:
         if ray.is_initialized() and address not in (None, "auto") \
                 and address != ray.get_runtime_context().gcs_address:
             logger.warning(
                 "ray_address=%r is not used: this process is already connected to the Ray "
                 "cluster at %s (e.g. through its task runner); call ray.shutdown() first to "
-                "train elsewhere", address, ray.get_runtime_context().gcs_address)
+                "train elsewhere", redact_address(address),
+                ray.get_runtime_context().gcs_address)
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS") or None
             logger.info("Starting a local Ray" if address is None
-                        else f"Connecting to Ray at {address}")
-            kwargs = dict(init_kwargs or {})
+                        else f"Connecting to Ray at {redact_address(address)}")
+            kwargs, auth = split_auth(init_kwargs)
             if address is None and scaling is not None and "num_cpus" not in kwargs:
                 kwargs.update(local_cpus(scaling))
-            # "local": a new Ray, not one that `ray start` left on this machine.
-            ray.init(address=address or "local", **kwargs)
+            # The workers' prints and logs reach the driver as [rank N] lines (logs.py): Ray's
+            # own echo of their stdout would show each line twice. Its log files keep them.
+            kwargs.setdefault("log_to_driver", False)
+            if address is None:
+                # "local": a new Ray, not one that `ray start` left on this machine.
+                ray.init(address="local", **kwargs)
+            else:
+                _connect(address, kwargs, auth)
             _ray_started_here = True
         _ray_users += 1
     try:
@@ -77,6 +100,38 @@ def ray_connection(address: str | None = None, init_kwargs: dict | None = None,
             if _ray_users == 0 and _ray_started_here:
                 ray.shutdown()
                 _ray_started_here = False
+                if _connected_to_address:  # the next Ray of this process must not reuse its
+                    _connected_to_address = False  # auth settings (e.g. a local one)
+                    reload_ray_auth()
+
+
+def _connect(address: str, kwargs: dict[str, Any], auth: RayAuth | None) -> None:
+    """``ray.init(address=...)`` with ``auth`` applied; a refusal for the token becomes a
+    ``ConfigurationError`` naming the fix, with neither the token nor the address's
+    credentials in it. A failed attempt leaves no auth settings cached in Ray."""
+    global _connected_to_address
+    message = None
+    try:
+        with ray_auth(auth):
+            try:
+                # Token mode without a token: Ray's client would abort the process (a failed
+                # RAY_CHECK); a refused token: found in milliseconds, ray.init retries for 20 s.
+                if not token_found() or refused_for_auth(address):
+                    message = auth_failure_message(address, auth)
+                else:
+                    ray.init(address=address, **kwargs)
+                    _connected_to_address = True
+            except Exception as error:
+                if not is_auth_failure(error):
+                    raise
+                message = auth_failure_message(address, auth)
+    except BaseException:
+        reload_ray_auth()
+        raise
+    if message is not None:
+        reload_ray_auth()
+        raise ConfigurationError(message) from None  # Ray's chain shows the address unredacted
+
 
 
 def local_cpus(scaling: ScalingConfig) -> dict[str, int]:

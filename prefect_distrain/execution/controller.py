@@ -13,8 +13,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import ray
-
 from .. import settings
 from ..callbacks import TrainingCallback
 from ..checkpoints.checkpoint import Checkpoint
@@ -98,7 +96,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     the group is to grow. Unless all returned, the group is killed (a survivor may hang in a
     collective). Errors of the driver itself (storage, the lease, a misuse it detected, a
     fatal callback) are raised."""
-    fn_ref = ray.put(spec.train_func_blob)
+    fn_ref = group.share(spec.train_func_blob)
     session_args = [
         {
             "context": TrainContext(info=m.info, experiment_name=spec.storage.run_name,
@@ -140,7 +138,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
                                                              driver, logger))
     generators = group.run(fn_ref, spec.takes_config, config, session_args)
     try:
-        status = poll_workers(generators, iterations, commits, callbacks, spec.logs,
+        status = poll_workers(group, generators, iterations, commits, callbacks, spec.logs,
                               spec.checkpoints, spec.should_resize, watch)
     except BaseException:
         _end(group, callbacks, error=True)

@@ -6,7 +6,7 @@ failure = Failure(kind="raised", type="builtins.ValueError", message="bad row", 
 classify(failure)                          # (True, "only some ranks raised it")
 decide(failure, previous=None, restarts_done=0, max_failures=3)   # Decision.RESTART
 ```
-The rules (the README's "Failure classes"):
+The rules (docs/failures.md, "Failure classes"):
 
 - **Infrastructure** (a restart or a Prefect retry may cure it): a lost worker or node; the
   backend's runtime failing (a collective that timed out, a peer gone); our own errors that say

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoints.fs import redact_url
+from ..checkpoints.manager import upload_plan
 from ..checkpoints.manifest import FileEntry
 from ..exceptions import UnequalReportsError
 from ..session.auto import AUTO_PASS_KEY
@@ -42,14 +43,31 @@ class PendingCommits:
         self.waiting: dict[int, dict[str, Any]] = {}
         #: The index of the last checkpoint committed in this attempt.
         self.last_committed: int | None = None
+        #: Checkpoints whose ranks were let upload without a plan (they never commit).
+        self.released: set[int] = set()
 
     def retried(self, retries: int) -> None:
         """A rank's upload retries (counted for the attempt ledger)."""
         self.spec.checkpoints.retries.uploads += retries
 
-    def uploaded(self, index: int, rank: int, files: dict[str, FileEntry]) -> None:
-        self.waiting.setdefault(index, {"files": {}})["files"][rank] = files
+    def uploaded(self, index: int, rank: int, files: dict[str, FileEntry],
+                 skipped: dict[str, FileEntry]) -> None:
+        entry = self.waiting.setdefault(index, {"files": {}})
+        entry["files"][rank] = files
+        entry.setdefault("skipped", {})[rank] = skipped
         self._commit_if_ready(index)
+
+    def release(self, index: int, ranks: list[int]) -> None:
+        """Let ranks waiting for the plan of a checkpoint that can't commit upload it whole."""
+        if ranks and index not in self.released:
+            self.released.add(index)
+            self.group.plan_uploads(index, {r: [] for r in ranks})
+
+    def plan(self, index: int, names_by_rank: dict[int, list[str]]) -> None:
+        """Every rank reported checkpoint ``index``: tell the ranks above 0 that wrote files
+        which of them a lower rank uploads (they wait for this before uploading)."""
+        if self.world_size > 1:
+            self.group.plan_uploads(index, upload_plan(names_by_rank))
 
     def declared(self, index: int, ranks: set[int], metrics: dict) -> None:
         entry = self.waiting.setdefault(index, {"files": {}})
@@ -63,7 +81,8 @@ class PendingCommits:
         del self.waiting[index]
         manager = self.spec.checkpoints
         manifest = manager.commit(index, self.spec.attempt, entry["files"], entry["metrics"],
-                                  world_size=self.world_size, backend=self.spec.backend_name)
+                                  world_size=self.world_size, backend=self.spec.backend_name,
+                                  skipped_by_rank=entry.get("skipped"))
         if self.spec.checkpoint_config.upload == "sync":
             self.group.acknowledge_commit(index, sorted(entry["files"]))
         checkpoint = manager.checkpoint(manifest)
@@ -98,8 +117,6 @@ class Iterations:
         upload = report["upload"]
         if upload is not None:
             self.commits.retried(upload["retries"])
-            if upload["files"] is not None:  # a sync upload
-                self.commits.uploaded(upload["index"], rank, upload["files"])
         ranks = self.pending.setdefault(iteration, {})
         ranks[rank] = report
         if len(ranks) == self.world_size:
@@ -113,6 +130,8 @@ class Iterations:
         if not automatic:
             self.history.add(results)
         if with_checkpoint:
+            self.commits.plan(iteration, {r: reports[r]["upload"]["names"]
+                                          for r in sorted(with_checkpoint)})
             self.commits.declared(iteration, with_checkpoint, results[0])
         if automatic:
             return
@@ -129,9 +148,18 @@ class Iterations:
         reported it."""
         for iteration in sorted(self.pending):
             gone = sorted(r for r, last in finished.items() if last < iteration)
-            waiting = sorted(r for r, report in self.pending[iteration].items()
-                             if report["awaits_verdict"] or (
-                                 report["upload"] and report["upload"]["files"]))
+            reports = self.pending[iteration]
+            if gone and self.callbacks.stop_reason is not None:
+                # A stop reached the ranks at different reports: an async upload past it
+                # waits for its plan only; it goes up whole and is never committed.
+                self.commits.release(iteration, [
+                    r for r, report in reports.items()
+                    if r > 0 and report["upload"] and not report["upload"]["sync"]])
+            # A sync upload waits for the commit; a rank above 0 for its upload plan.
+            waiting = sorted(r for r, report in reports.items()
+                             if report["awaits_verdict"] or (report["upload"] and (
+                                 report["upload"]["sync"] or (
+                                     r > 0 and iteration not in self.commits.released))))
             if gone and waiting:
                 counts = {r: self.last.get(r, self.first - 1) - self.first + 1
                           for r in range(self.world_size)}

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from .. import settings
@@ -128,7 +127,7 @@ class Watch:
             self.preemption(None, "SIGTERM to the driver (pid %d)" % os.getpid())
 
 
-def poll_workers(generators: list, iterations: Iterations, commits: PendingCommits,
+def poll_workers(group: Any, generators: list, iterations: Iterations, commits: PendingCommits,
                  callbacks: Callbacks, logs: WorkerLogs | None, checkpoints: CheckpointManager,
                  should_resize: Callable[[], bool] | None = None,
                  watch: Watch | None = None) -> PollStatus:
@@ -158,7 +157,7 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
         wait = POLL_S
         if gather_deadline is not None:
             wait = min(wait, max(0.0, gather_deadline - time.monotonic()))
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
+        ready = group.ready(list(pending), wait)
         if not ready:
             if gather_deadline is not None and time.monotonic() >= gather_deadline:
                 break  # the other ranks' outcomes did not come within the window
@@ -166,7 +165,7 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
         for gen in ready:
             rank = pending[gen]
             try:
-                batch = ray.get(next(gen))
+                batch = group.take(gen)
             except StopIteration:
                 del pending[gen]
                 continue
@@ -188,7 +187,8 @@ def poll_workers(generators: list, iterations: Iterations, commits: PendingCommi
                         logs.add(rank, payload)
                 elif kind == "persisted":
                     commits.retried(payload["retries"])
-                    commits.uploaded(payload["index"], rank, payload["files"])
+                    commits.uploaded(payload["index"], rank, payload["files"],
+                                     payload["skipped"])
                 else:
                     del pending[gen]
                     if kind == "done":

@@ -42,6 +42,7 @@ from .cluster import (
 from .controller import RunOutcome, RunSpec, run_training
 from .failure_policy import MESSAGE_LIMIT, Decision, Failure, classify, decide, should_resize
 from .history import RunHistory
+from .local_group import LocalGroup
 from .pickling import serialize_train_function, takes_config
 from .placement import start_group
 from .preflight import storage_preflight
@@ -126,7 +127,7 @@ class Trainer:
         #: A rich progress bar in the terminal; None: when RunConfig(total=...) is given and
         #: stdout is a terminal.
         self.progress_bar = progress_bar
-        self._group: WorkerGroup | None = None
+        self._group: WorkerGroup | LocalGroup | None = None
         self.backend = BackendSetup(self.backend_config, self.logger)
         self._ray: contextlib.ExitStack | None = None
         self._ray_finalizer: weakref.finalize | None = None
@@ -141,6 +142,11 @@ class Trainer:
     def start(self, expect_full: bool = False) -> None:
         """Connect to (or start) Ray, start the workers and set up the backend."""
         if self._group is not None:
+            return
+        if self.scaling.local:  # in this process, no Ray (local_group.py)
+            group = LocalGroup()
+            group.start()
+            self._group = group
             return
         if self._ray is None:
             stack = contextlib.ExitStack()
@@ -221,6 +227,10 @@ class Trainer:
             raise ConfigurationError(
                 f"data_config must be a DataConfig, got {type(data_config).__name__}")
         callbacks = callback_list(callbacks)
+        if datasets and self.scaling.local:
+            raise ConfigurationError(
+                "datasets= needs Ray Data on Ray workers, and num_workers=0 runs in this process "
+                "without Ray: give num_workers=1 or more, or read the data in the function")
         total = self.run_config.total
         show_bar = self.progress_bar if self.progress_bar is not None else sys.stdout.isatty()
         if total and show_bar:

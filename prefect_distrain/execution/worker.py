@@ -9,6 +9,7 @@ SIGTERM: a preemption (see ``_on_sigterm``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -38,11 +39,13 @@ class TrainWorker:
 
     session: Session | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, in_process: bool = False) -> None:
+        #: In the caller's own process (local mode): its signals and its output stay its own.
+        self.in_process = in_process
         # Ray creates an actor on its process's main thread: the only one that may set a
         # signal handler. Ray's own (exit at once) is kept for a second SIGTERM.
         self._ray_sigterm: Any = None
-        if threading.current_thread() is threading.main_thread():
+        if not in_process and threading.current_thread() is threading.main_thread():
             self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -79,6 +82,11 @@ class TrainWorker:
         """Wakes a sync report waiting for checkpoint ``index`` to be committed."""
         if (session := self.session) is not None:  # else the run has ended
             session.acknowledge_commit(index)
+
+    def plan_upload(self, index: int, skip: list[str]) -> None:
+        """Which of its files of checkpoint ``index`` this rank leaves to a lower rank."""
+        if (session := self.session) is not None:  # else the run has ended
+            session.plan_upload(index, skip)
 
     def judge(self, iteration: int, stop_reason: str | None) -> None:
         """The verdict on ``iteration`` that its report waits for."""
@@ -121,7 +129,7 @@ class TrainWorker:
         def target() -> None:
             try:
                 fn = cloudpickle.loads(fn_blob)
-                with capture(session.outbox):
+                with contextlib.nullcontext() if self.in_process else capture(session.outbox):
                     try:
                         value = fn(config) if pass_config else fn()
                     except StopTraining:

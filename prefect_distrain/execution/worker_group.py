@@ -15,15 +15,17 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .. import settings
+from ..collective import set_sync_actor
 from ..config import ScalingConfig
 from ..exceptions import ConfigurationError, ResourcesUnavailableError
 from ..session.context import WorkerInfo
 from .cluster import describe
+from .sync_actor import start_sync_actor
 from .worker import TrainWorker
 
 
 @dataclass
-class _Member:
+class Member:
     actor: Any
     info: WorkerInfo
     metadata: dict[str, Any]
@@ -33,13 +35,16 @@ class WorkerGroup:
     """``size`` actors (``num_workers`` unless an elastic group runs smaller), ranked by node so
     that local ranks are contiguous."""
 
+    local = False
+
     def __init__(self, scaling: ScalingConfig, size: int | None = None,
                  env: dict[str, str] | None = None):
         self.scaling = scaling
         self.size = size or scaling.num_workers
         self.env = dict(env or {})
-        self.members: list[_Member] = []
+        self.members: list[Member] = []
         self._placement_group = None
+        self._sync_actor = None  # barrier / broadcast_from_rank_zero (collective.py)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -92,7 +97,26 @@ class WorkerGroup:
             self.shutdown()
             raise
         self.members = _rank(actors, metadata)
-        ray.get([m.actor.set_info.remote(m.info) for m in self.members])
+        if self.size > 1:  # the ranks' collectives meet on it; a group of one needs none
+            self._sync_actor = start_sync_actor(pg, self.size)
+        ray.get([m.actor.set_info.remote(m.info) for m in self.members]
+                + [m.actor.execute.remote(set_sync_actor, self._sync_actor)
+                   for m in self.members])
+
+    def share(self, blob: bytes) -> Any:
+        """The training function, put once into Ray's object store for every worker."""
+        return ray.put(blob)
+
+    @staticmethod
+    def ready(streams: list, timeout: float) -> list:
+        """The workers' streams that have a batch of their outbox ready (within ``timeout``)."""
+        ready, _ = ray.wait(streams, num_returns=1, timeout=timeout)
+        return ready
+
+    @staticmethod
+    def take(stream: Any) -> list:
+        """The next batch of a ready stream (StopIteration at its end)."""
+        return ray.get(next(stream))
 
     def execute(self, fn: Callable, *args: Any, timeout: float | None = None) -> list[Any]:
         """Run ``fn(*args)`` on every worker at once; results in rank order."""
@@ -134,6 +158,11 @@ class WorkerGroup:
         for rank in ranks:
             self.members[rank].actor.acknowledge_commit.remote(index)
 
+    def plan_uploads(self, index: int, plan: dict[int, list[str]]) -> None:
+        """Tell each rank above 0 that reported checkpoint ``index`` which files to skip."""
+        for rank, skip in plan.items():
+            self.members[rank].actor.plan_upload.remote(index, skip)
+
     def run(self, fn_blob: Any, pass_config: bool, config: Any,
             session_args: list[dict[str, Any]]) -> list:
         """Start the training function on every worker; one streaming generator per rank."""
@@ -148,6 +177,12 @@ class WorkerGroup:
             except Exception:  # noqa: BLE001 - already gone is fine
                 pass
         self.members = []
+        if self._sync_actor is not None:
+            try:
+                ray.kill(self._sync_actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone is fine
+                pass
+            self._sync_actor = None
         if self._placement_group is not None:
             try:
                 remove_placement_group(self._placement_group)
@@ -156,7 +191,7 @@ class WorkerGroup:
             self._placement_group = None
 
 
-def _rank(actors: list, metadata: list[dict]) -> list[_Member]:
+def _rank(actors: list, metadata: list[dict]) -> list[Member]:
     """World ranks grouped by node (nodes ordered by IP), so local ranks are contiguous."""
     order = sorted(range(len(actors)), key=lambda i: (metadata[i]["node_ip"],
                                                        metadata[i]["node_id"], i))
@@ -172,5 +207,5 @@ def _rank(actors: list, metadata: list[dict]) -> list[_Member]:
             world_rank=world_rank, world_size=len(actors),
             local_rank=per_node[nid].index(i), local_world_size=len(per_node[nid]),
             node_rank=node_ids.index(nid), node_ip=metadata[i]["node_ip"])
-        members.append(_Member(actors[i], info, metadata[i]))
+        members.append(Member(actors[i], info, metadata[i]))
     return members

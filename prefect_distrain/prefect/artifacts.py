@@ -3,11 +3,13 @@ progress artifact, tables of checkpoints and attempts, and a summary with a char
 
 Runs on the driver inside the task run (only the driver talks to Prefect). URLs are shown
 without credentials or query strings; keys follow Prefect's rules (lowercase letters, digits,
-dashes).
+dashes). A location is a link only where a browser opens it (HTTP(S), or a presigned link when
+``PREFECT_DISTRAIN_LINK_EXPIRY_S`` is set); otherwise its path is shown as text to copy.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import Any
@@ -21,9 +23,10 @@ from prefect.artifacts import (
 )
 from prefect.events import emit_event
 
+from .. import settings
 from ..callbacks import TrainingCallback, progress_value
 from ..checkpoints.checkpoint import Checkpoint
-from ..checkpoints.fs import redact_url
+from ..checkpoints.fs import filesystem, redact_url
 from ..checkpoints.ledger import read_attempts
 from ..checkpoints.storage import RunStorage
 from ..execution.failure_policy import is_retryable
@@ -36,8 +39,35 @@ def artifact_key(text: str) -> str:
 
 
 def checkpoint_link(path: str) -> str:
+    """The location as shown in tables and events: the path or URL, credentials stripped."""
+    return redact_url(path)
+
+
+def browser_url(path: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """A URL a browser opens from the Prefect UI, where the store has one: an HTTP(S) path as
+    it is, or an object store's presigned HTTPS link when ``PREFECT_DISTRAIN_LINK_EXPIRY_S``
+    allows it; None otherwise (a local path or ``s3://`` URL opens nothing in a browser)."""
     shown = redact_url(path)
-    return shown if "://" in shown else f"file://{shown}"
+    if shown.startswith(("http://", "https://")):
+        return shown
+    expiry = settings.settings().link_expiry_s
+    if not expiry or "://" not in path:
+        return None
+    try:
+        fs, inner = filesystem(path, dict(storage_options or {}))
+        return fs.sign(inner, expiration=int(expiry))
+    except Exception:  # noqa: BLE001 - no presigning here: the path as text
+        return None
+
+
+def location_markdown(path: str, label: str | None = None,
+                      storage_options: dict[str, Any] | None = None) -> str:
+    """Markdown for a location: a link where a browser can open it, else the path as text."""
+    url = browser_url(path, storage_options)
+    shown = checkpoint_link(path)
+    if url is None:
+        return f"{label} (`{shown}`)" if label else f"`{shown}`"
+    return f"[{label or shown}]({url})"
 
 
 def _shown_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -51,10 +81,13 @@ class PrefectArtifacts(TrainingCallback):
 
     def __init__(self) -> None:
         self.key = self.run_name = "run"
+        self.storage_options: dict[str, Any] = {}
 
     def start_training(self, logdir: str, config: Any, **info: Any) -> None:
         self.run_name = info.get("run_name") or logdir.rsplit("/", 1)[-1]
         self.key = artifact_key(self.run_name)
+        if (storage := info.get("storage")) is not None:  # for presigned links, if enabled
+            self.storage_options = storage.storage_options
 
     def on_checkpoint_commit(self, checkpoint: Checkpoint, **info: Any) -> None:
         emit_run_event("checkpoint.committed", self.run_name, {
@@ -62,12 +95,16 @@ class PrefectArtifacts(TrainingCallback):
             "metrics": _shown_metrics(checkpoint.metrics)}, checkpoint)
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in _shown_metrics(checkpoint.metrics).items())
-        create_link_artifact(
-            link=checkpoint_link(checkpoint.path),
-            link_text=f"checkpoint {checkpoint.index}",
-            key=f"{self.key}-checkpoint",
-            description=f"Checkpoint {checkpoint.index} (attempt {info.get('attempt', 0)}): "
-                        f"{metrics or 'no metrics'}")
+        description = (f"Checkpoint {checkpoint.index} (attempt {info.get('attempt', 0)}): "
+                       f"{metrics or 'no metrics'}")
+        url = browser_url(checkpoint.path, self.storage_options)
+        if url is not None:
+            create_link_artifact(link=url, link_text=f"checkpoint {checkpoint.index}",
+                                 key=f"{self.key}-checkpoint", description=description)
+        else:  # a path no browser opens: shown as text, to copy
+            create_markdown_artifact(
+                markdown=f"Checkpoint {checkpoint.index}: `{checkpoint_link(checkpoint.path)}`",
+                key=f"{self.key}-checkpoint", description=description)
 
 
 def publish_checkpoint_table(result: TrainResult) -> None:
@@ -193,14 +230,19 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
         for name, values in series.items():
             lines.append(f"| {name} | {values[-1]:.4g} | {min(values):.4g} / {max(values):.4g} "
                          f"| {sparkline(values)} |")
+        # The chart inline (Prefect's UI shows a data: image in markdown) and in the run's
+        # folder, for whoever reads the storage.
+        svg = metrics_svg(series)
+        inline = base64.b64encode(svg.encode()).decode()
+        lines += ["", f"![Every metric of rank 0, report by report](data:image/svg+xml;base64,"
+                      f"{inline})", ""]
         fs, root = storage.filesystem()
-        chart = f"{root.rstrip('/')}/metrics.svg"
         try:
-            fs.pipe_file(chart, metrics_svg(series).encode())
-            link = checkpoint_link(f"{storage.run_url}/metrics.svg")
-            lines += ["", f"Chart of every metric: [{link}]({link})", ""]
-        except Exception as failure:  # noqa: BLE001 - the summary goes on without the image
-            lines += ["", f"(the chart could not be written: {type(failure).__name__})", ""]
+            fs.pipe_file(f"{root.rstrip('/')}/metrics.svg", svg.encode())
+            lines += ["The same chart in the run's folder: " + location_markdown(
+                f"{storage.run_url}/metrics.svg", "metrics.svg", storage.storage_options), ""]
+        except Exception as failure:  # noqa: BLE001 - the summary goes on without the file
+            lines += [f"(metrics.svg could not be written: {type(failure).__name__})", ""]
     checkpoints = result.best_checkpoints if result else [
         (storage.checkpoint(m), m.metrics) for m in storage.read_manifests()[0]]
     if checkpoints:
@@ -209,8 +251,9 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
         for checkpoint, metrics in checkpoints:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in _shown_metrics(metrics).items())
-            link = checkpoint_link(checkpoint.path)
-            lines.append(f"| [{checkpoint.index}]({link}) | {shown} |")
+            where = location_markdown(checkpoint.path, str(checkpoint.index),
+                                      storage.storage_options)
+            lines.append(f"| {where} | {shown} |")
         lines.append("")
     if error is not None:
         lines += ["## Failure", "", f"`{type(error).__name__}: {error}`"[:2000], ""]

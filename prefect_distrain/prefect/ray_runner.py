@@ -63,6 +63,7 @@ except ImportError as error:
 from ..blocks import RayCluster
 from ..exceptions import ConfigurationError
 from ..execution.pickling import by_value, user_modules
+from ..execution.ray_auth import ray_auth, reload_ray_auth, split_auth
 
 logger = logging.getLogger("prefect_distrain")
 
@@ -145,7 +146,18 @@ class DistrainRayTaskRunner(RayTaskRunner):
                 # "local": a new Ray, as pd.train starts one; a plain ray.init() would join
                 # any cluster that `ray start` or another program left on this machine.
                 self.init_kwargs = {**self.init_kwargs, "address": "local"}
-        return super().__enter__()
+        # A RayCluster block's token: in Ray's environment only while connecting (cluster.py).
+        self.init_kwargs, auth = split_auth(self.init_kwargs)
+        with ray_auth(auth):
+            super().__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            if not ray.is_initialized():
+                reload_ray_auth()  # the next Ray this process starts is not the cluster's
 
     # -- submitting -----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -43,6 +44,7 @@ from ..execution.failure_policy import is_retryable
 from ..execution.trainer import Trainer
 from ..integrations.data import DataConfig
 from ..result import TrainResult
+from . import lineage
 from .artifacts import PrefectArtifacts, PrefectProgress, publish_checkpoint_table, publish_run
 
 
@@ -118,6 +120,34 @@ def _slots(scaling: ScalingConfig, logger: Any) -> Iterator[None]:
         raise
 
 
+class _QuietOutsideFlows(logging.Filter):
+    """Prefect's API log handler cannot send the last line of a task run outside a flow
+    ("Finished in state ...", logged after the run's context ended): it drops it with a
+    warning. For ``train``'s own runs it is dropped quietly; other tasks are left alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task_runs: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(getattr(record, "flow_run_id", None)) \
+            or str(getattr(record, "task_run_id", "")) not in self.task_runs
+
+
+_quiet = _QuietOutsideFlows()
+
+
+def _quiet_outside_flows(context: TaskRunContext | None) -> None:
+    if context is None or context.task_run.flow_run_id is not None:
+        return
+    from prefect.logging.handlers import APILogHandler
+
+    _quiet.task_runs.add(str(context.task_run.id))
+    for handler in logging.getLogger("prefect.task_runs").handlers:
+        if isinstance(handler, APILogHandler) and _quiet not in handler.filters:
+            handler.addFilter(_quiet)
+
+
 def _is_prefect_retry() -> bool:
     from prefect.runtime import flow_run, task_run
 
@@ -160,7 +190,8 @@ def train(
     ``prefect-distrain.checkpoint.committed`` event per committed checkpoint; tables of the kept
     checkpoints and of the attempts; and a summary with a chart of the metrics (with the
     failing rank's traceback and every rank's last log lines after a failure), followed by a
-    ``prefect-distrain.run.completed`` or ``.failed`` event.
+    ``prefect-distrain.run.completed`` or ``.failed`` event; and the run's model as an asset
+    materialized from its datasets and upstream assets (lineage.py).
     """
     began = time.monotonic()
     logger = get_run_logger()
@@ -177,13 +208,14 @@ def train(
                       failure=failure, ray_address=ray_address, ray_init_kwargs=ray_init_kwargs,
                       logger=logger)
     context = TaskRunContext.get()
+    _quiet_outside_flows(context)
     if context is not None:  # the run's lease names this task run: its retries take it over
         trainer.holder.update(task_run_id=str(context.task_run.id),
                               flow_run_id=str(context.task_run.flow_run_id))
     shown = [PrefectArtifacts()]
     if run.total:
         shown.append(PrefectProgress(run.total, run.progress_key))
-    result, error = None, None
+    result, error, model = None, None, None
     try:
         with _slots(trainer.scaling, logger), trainer:
             result = trainer.fit(train_loop, config=config,
@@ -195,7 +227,9 @@ def train(
         raise
     finally:
         if trainer.storage is not None:
+            model = lineage.declare(trainer.storage.run_url, datasets, resume_from_checkpoint)
             publish_run(trainer.run_report(result, error, time.monotonic() - began), logger)
+    lineage.describe(model, result, config)
     publish_checkpoint_table(result)
     if result.stopped_early:
         logger.info("The run stopped early (%s); it is complete, not failed", result.stopped_early)

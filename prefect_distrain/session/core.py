@@ -63,7 +63,9 @@ class Session:
         self.await_verdicts = await_verdicts
         self.outbox: queue.Queue = queue.Queue()
         rank = context.get_world_rank()
-        self.uploader = Uploader(storage, upload, rank, context.get_attempt(), self.outbox)
+        self.uploader = Uploader(
+            storage, upload, rank, context.get_attempt(), self.outbox,
+            self._wait_for_plan if rank > 0 and context.get_world_size() > 1 else None)
         self.auto = AutoCheckpoints(checkpoint_mode == "auto", resume_from, rank, self.report)
         self.last_report_time = time.time()
         #: Set by the driver when a callback stopped the run: the report numbered ``stop_at``
@@ -72,6 +74,8 @@ class Session:
         self.stop_at: int | None = None
         self._committed = 0
         self._judged = 0
+        #: The driver's upload plans: checkpoint index -> the names a lower rank uploads.
+        self._plans: dict[int, list[str]] = {}
         self._driver = threading.Condition()
         #: Progress for the driver's hang detection: reports and steps through prepared data
         #: loaders, and what the rank waits for when it is busy outside the training code.
@@ -160,12 +164,16 @@ class Session:
                                         "awaits_verdict": awaits}))
             return
         index = self.iteration
-        with self.busy_with(f"uploading checkpoint {index}"):
-            files = self.uploader.upload(index, checkpoint)
+        sync = self.uploader.mode == "sync"
+        with self.busy_with(f"staging checkpoint {index}"):
+            staged = self.uploader.stage(index, checkpoint)
         self.outbox.put(("report", {"metrics": result, "awaits_verdict": awaits,
-                                    "upload": {"index": index, "files": files,
+                                    "upload": {"index": index, "names": staged.names,
+                                               "sync": sync,
                                                "retries": self.uploader.take_retries()}}))
-        if files is not None:  # sync: returns once committed
+        with self.busy_with(f"uploading checkpoint {index}"):
+            self.uploader.upload(staged)
+        if sync:  # returns once committed
             self._wait_for_driver(lambda: self._committed >= index)
 
     def finish(self) -> None:
@@ -183,6 +191,19 @@ class Session:
         with self._driver:
             self._committed = max(self._committed, index)
             self._driver.notify_all()
+
+    def plan_upload(self, index: int, skip: list[str]) -> None:
+        """The driver's plan for this rank's files of checkpoint ``index``: skip those named
+        (a lower rank uploads them)."""
+        with self._driver:
+            self._plans[index] = list(skip)
+            self._driver.notify_all()
+
+    def _wait_for_plan(self, index: int) -> list[str]:
+        """(The caller says what it is busy with: this may run on the upload thread.)"""
+        with self._driver:
+            self._driver.wait_for(lambda: index in self._plans)
+            return self._plans.pop(index)
 
     def judge(self, iteration: int, stop_reason: str | None) -> None:
         """The driver's verdict on ``iteration``: go on, or stop there. Verdicts may arrive out

@@ -4,6 +4,7 @@
 ``"async"``: the files are moved into a staging folder beside them (a rename: instant, however
 large; a copy where a rename can't, or where the files must stay) and one background thread per
 rank uploads them; a failed upload is raised by the next report and at the end of the run.
+Either way the report goes to the driver first (with the files' names), the upload after it.
 Files that are not the training function's to give away are copied, never moved: a committed
 checkpoint's (``get_checkpoint()``), anything in the run's storage. A checkpoint in remote
 storage is downloaded (and verified) first.
@@ -16,46 +17,76 @@ import queue
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass, field
+from typing import Callable
 
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.fs import is_local
-from ..checkpoints.manifest import FileEntry
-from ..checkpoints.storage import RunStorage
+from ..checkpoints.storage import RunStorage, digests, local_files
 from ..exceptions import ConfigurationError
 
 
+@dataclass
+class Staged:
+    """A reported checkpoint ready to go up: its local folder (``ours``: ours to remove after)
+    and the names of its files (reported to the driver before the upload)."""
+
+    index: int
+    folder: str
+    ours: bool
+    names: list[str] = field(default_factory=list)
+
+
 class Uploader:
-    """The uploads of one rank in one attempt."""
+    """The uploads of one rank in one attempt. A rank above 0 of a group waits for the
+    driver's plan before it uploads: which of its files a lower rank writes too (those it
+    skips, and only tells their hashes)."""
 
     def __init__(self, storage: RunStorage, mode: str, rank: int, attempt: int,
-                 outbox: queue.Queue):
+                 outbox: queue.Queue, wait_for_plan: Callable[[int], list[str]] | None = None):
         self.storage, self.mode, self.rank, self.attempt = storage, mode, rank, attempt
         self.outbox = outbox
+        self.wait_for_plan = wait_for_plan
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         #: Retries of this rank's uploads not yet told to the driver.
         self.retries = 0
 
-    def upload(self, index: int, checkpoint: Checkpoint) -> dict[str, FileEntry] | None:
-        """Sync: the files as uploaded. Async: None once they are staged; their upload sends
-        a ``("persisted", ...)`` message when done."""
+    def stage(self, index: int, checkpoint: Checkpoint) -> Staged:
+        """The local folder to upload and its file names. Async: the files moved (or copied)
+        aside first, so the training function may write there again at once."""
         folder, ours = self._source(checkpoint)
+        if self.mode == "async":
+            self.wait()  # at most one upload in flight per rank
+            self.raise_failed()
+            if not ours:
+                folder = take_files(folder, index, move=not (
+                    checkpoint.manifest is not None or self.storage.contains(folder)))
+                ours = True
+        return Staged(index, folder, ours, [name for name, _ in local_files(folder)])
+
+    def upload(self, staged: Staged) -> None:
+        """Sync: upload now (a failure raises here). Async: in a background thread (a failure
+        is raised by the next report and at the end). Either way a ``("persisted", ...)``
+        message follows the upload."""
         if self.mode == "sync":
-            try:
-                return self.storage.upload(folder, index, self.attempt, self.rank,
-                                           on_retry=self._retried)
-            finally:
-                if ours:
-                    shutil.rmtree(folder, ignore_errors=True)
-        self.wait()  # at most one upload in flight per rank
-        self.raise_failed()
-        staged = folder if ours else take_files(
-            folder, index, move=not (checkpoint.manifest is not None
-                                     or self.storage.contains(folder)))
-        self._thread = threading.Thread(target=self._upload_in_background, args=(staged, index),
-                                        name=f"checkpoint-upload-{index}", daemon=True)
+            self._upload(staged)
+            return
+        self._thread = threading.Thread(target=self._upload_in_background, args=(staged,),
+                                        name=f"checkpoint-upload-{staged.index}", daemon=True)
         self._thread.start()
-        return None
+
+    def _upload(self, staged: Staged) -> None:
+        try:
+            skip = self.wait_for_plan(staged.index) if self.wait_for_plan else []
+            files = self.storage.upload(staged.folder, staged.index, self.attempt, self.rank,
+                                        on_retry=self._retried, skip=skip)
+            self.outbox.put(("persisted", {
+                "index": staged.index, "files": files, "retries": self.take_retries(),
+                "skipped": digests(staged.folder, skip, self.rank)}))
+        finally:
+            if staged.ours:
+                shutil.rmtree(staged.folder, ignore_errors=True)
 
     def _retried(self) -> None:
         self.retries += 1
@@ -87,16 +118,11 @@ class Uploader:
                 "folder and pass Checkpoint.from_directory(folder)")
         return path, False
 
-    def _upload_in_background(self, staged: str, index: int) -> None:
+    def _upload_in_background(self, staged: Staged) -> None:
         try:
-            files = self.storage.upload(staged, index, self.attempt, self.rank,
-                                        on_retry=self._retried)
-            self.outbox.put(("persisted", {"index": index, "files": files,
-                                           "retries": self.take_retries()}))
+            self._upload(staged)
         except BaseException as error:  # noqa: BLE001 - raised by the next report() / finish()
             self._error = error
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
 
 
 def take_files(folder: str, index: int, move: bool = True) -> str:
