@@ -72,9 +72,9 @@ class ScalingConfig:
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) \
                 or self.num_workers < 0:
             raise ConfigurationError(
-                f"num_workers must be an integer of at least 1 (got {self.num_workers!r}): set "
-                "ScalingConfig(num_workers=N) to the number of training processes you want "
-                "(0 runs the function in this process, for debugging)")
+                f"num_workers must be an integer of at least 1, or 0 to run the function in "
+                f"this process (got {self.num_workers!r}): set ScalingConfig(num_workers=N) to "
+                "the number of training processes you want")
         if self.local and (self.min_workers is not None or self.use_gpu):
             raise ConfigurationError(
                 "num_workers=0 runs the function in this process on its CPU, with no Ray: "

@@ -5,15 +5,18 @@ would launch its own processes refused."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 
-pytest.importorskip("lightning")
+import prefect_distrain as pd
 
-import prefect_distrain as pd  # noqa: E402
-
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+# Lightning is imported in the workers only: importing it here would import TensorFlow (through
+# TensorBoard) into the test process, which the TensorFlow tests keep out of it.
+pytestmark = [pytest.mark.usefixtures("ray_cluster"),
+              pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
+                                 reason="pip install 'prefect-distrain[lightning]'")]
 
 
 def lightning_loop(config):

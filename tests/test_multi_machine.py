@@ -28,7 +28,7 @@ from prefect import flow
 import prefect_distrain as pd
 from prefect_distrain.blocks import CheckpointStorage, RayCluster
 from prefect_distrain.exceptions import ConfigurationError
-from prefect_distrain.execution.ray_auth import redact_address
+from prefect_distrain.execution.ray_auth import redact_address, reload_ray_auth
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -79,6 +79,16 @@ def _alive_nodes(address: str, env: dict[str, str]) -> int:
                           text=True, timeout=60)
     lines = [line for line in done.stdout.splitlines() if line.startswith("NODES")]
     return int(lines[-1].split()[1]) if lines else 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_auth_as_the_environment_says():
+    """After the module: Ray's cached auth settings read again from the environment as the
+    tests' monkeypatches left it (a test that removed RAY_AUTH_MODE made Ray cache "disabled";
+    the next local Ray of this process, started with the mode a local ray.init had set, would
+    then refuse its own driver)."""
+    yield
+    reload_ray_auth()
 
 
 @pytest.fixture(scope="module")

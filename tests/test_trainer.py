@@ -229,8 +229,9 @@ def test_bad_input_gets_errors_that_name_the_fix(storage):
                        match=r"unknown backend 'jax': choose one of .*'torch'"):
         pd.Trainer(backend="jax")
     with pytest.raises(pd.ConfigurationError,
-                       match=r"num_workers must be an integer of at least 1 \(got 0\)"):
-        pd.ScalingConfig(num_workers=0)
+                       match=r"num_workers must be an integer of at least 1, or 0 to run "
+                             r"the function in this process \(got -1\)"):
+        pd.ScalingConfig(num_workers=-1)
     with pytest.raises(pd.ConfigurationError, match="either scaling=ScalingConfig"):
         pd.Trainer(num_workers=2, scaling=pd.ScalingConfig())
     with pytest.raises(pd.ConfigurationError, match="not usable as a folder name"):
