@@ -58,6 +58,7 @@ from .checkpoints.fs import create_exclusive, redact_url
 from .checkpoints.manifest import Manifest, ManifestError, parse_dirname
 from .checkpoints.retry import RetryPolicy, with_retries
 from .checkpoints.storage import MANIFESTS, PINS, pin_name
+from .config import RunConfig
 from .exceptions import CheckpointCorruptError, ConfigurationError, DistrainError
 
 logger = logging.getLogger("prefect_distrain")
@@ -320,27 +321,14 @@ class _Root:
 
     @classmethod
     def of(cls, storage: Any, storage_options: dict[str, Any] | None) -> _Root:
-        if storage_options is not None and not isinstance(storage_options, dict):
-            raise ConfigurationError(  # its value may hold secrets: not shown
-                f"storage_options takes a dict of fsspec options, got a "
-                f"{type(storage_options).__name__}")
-        extra = dict(storage_options or {})
+        """As ``RunConfig(storage=..., storage_options=...)`` resolves it (and validates it),
+        or a ``RunConfig`` itself."""
         if isinstance(storage, os.PathLike):
             storage = os.fspath(storage)
-        if isinstance(storage, str):
-            if not storage.strip():
-                raise ConfigurationError("storage='' names no storage: give the local path or "
-                                         "URL where the runs are (the same as RunConfig's)")
-            return cls(fsutil.absolute_url(storage), extra)
-        if hasattr(storage, "fsspec_storage"):
-            url, options = storage.fsspec_storage()
-            return cls(fsutil.absolute_url(url), {**options, **extra})
         if hasattr(storage, "resolved_storage"):
             url, options = storage.resolved_storage()
-            return cls(url, {**options, **extra})
-        raise ConfigurationError(
-            f"storage takes a local path, an fsspec URL, a storage block or a RunConfig, got "
-            f"{type(storage).__name__}")
+            return cls(url, {**options, **dict(storage_options or {})})
+        return cls(*RunConfig(storage=storage, storage_options=storage_options).resolved_storage())
 
     def filesystem(self, fresh: bool = False) -> tuple[Any, str]:
         options = {**self.options, "skip_instance_cache": True} if fresh else self.options
