@@ -93,7 +93,8 @@ def test_logs_progress_summary_and_events_reach_prefect(tmp_path):
     # ... and inline, as an image the UI shows
     inline = re.search(r"!\[[^]]*\]\(data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", summary)
     assert inline and base64.b64decode(inline.group(1)).decode() == svg
-    [link] = [a for a in artifacts if a.key == "talkative-checkpoint"][-1:]
+    # The key's newest version is what the UI shows (the API returns versions in id order)
+    link = max((a for a in artifacts if a.key == "talkative-checkpoint"), key=lambda a: a.created)
     assert link.type == "markdown" and "checkpoint_000003-a0`" in link.data
 
     committed = [e for e in events if e.event == "prefect-distrain.checkpoint.committed"
