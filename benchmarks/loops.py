@@ -172,3 +172,37 @@ def scaling_loop(config):
         if i >= config["warmup"]:
             timings.append(time.perf_counter() - began)
     return statistics.median(timings)
+
+
+def validated_steps_loop(config):
+    """Median step time (a step, plus a checkpoint report every ``every`` steps) of a small
+    DDP job: the same with and without a validation of each checkpoint shows its cost."""
+    import torch
+
+    import prefect_distrain as pd
+
+    rank = pd.get_context().get_world_rank()
+    model = pd.torch.prepare_model(_model(config.get("hidden", 256)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 32), torch.randn(64, 1)
+    times = []
+    for i in range(config["steps"]):
+        began = time.perf_counter()
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        if (i + 1) % config["every"] == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                if rank == 0:
+                    torch.save(model.state_dict(), os.path.join(folder, "model.pt"))
+                pd.report({"step": i}, checkpoint=pd.Checkpoint.from_directory(folder)
+                          if rank == 0 else None)
+        times.append(time.perf_counter() - began)
+    return {"step": statistics.median(times), "mean": statistics.fmean(times)}
+
+
+def sleepy_validation(checkpoint, config):
+    """A validation that takes ``config["sleep"]`` seconds and reads the checkpoint."""
+    time.sleep(config["sleep"])
+    with checkpoint.as_directory() as folder:
+        return {"val_files": len(os.listdir(folder))}

@@ -33,7 +33,9 @@ from loops import (  # noqa: E402
     checkpoint_stall_loop,
     recovery_loop,
     scaling_loop,
+    sleepy_validation,
     step_overhead_loop,
+    validated_steps_loop,
 )
 
 import prefect_distrain as pd  # noqa: E402
@@ -152,6 +154,28 @@ class Bench:
             ratios.append(steps["on"] / steps["off"])
         self.figures["P2c step with hang tracking on / off"] = {
             **spread(ratios), "goal": "<= 1.02", "met": statistics.median(ratios) <= 1.02}
+
+    def validation_cost(self) -> None:
+        """P2d: step time (with a checkpoint every ``every`` steps) while each checkpoint is
+        validated by a function that sleeps 2 s on its own Ray task / without validation,
+        interleaved runs. The validation must stay off the training path."""
+        config = {"steps": 60 if self.quick else 300, "every": 20 if self.quick else 50}
+        validation = pd.Validation(sleepy_validation, config={"sleep": 2.0})
+        ratios, means = [], []
+        for _ in range(self.repeat):
+            steps = {}
+            for name, validate in (("without", None), ("with", validation)):
+                with pd.Trainer(num_workers=2, run=self.run_config("p2d"),
+                                checkpoint=pd.CheckpointConfig(validate=validate)) as trainer:
+                    result = trainer.fit(validated_steps_loop, config=config)
+                steps[name] = result.worker_results[0]
+                if validate is not None:
+                    assert {c.status for c in result.checkpoints} == {"validated"}
+            ratios.append(steps["with"]["step"] / steps["without"]["step"])
+            means.append(steps["with"]["mean"] / steps["without"]["mean"])
+        self.figures["P2d step with a 2 s validation per checkpoint / without"] = {
+            **spread(ratios), "goal": "<= 1.05", "met": statistics.median(ratios) <= 1.05,
+            "mean step ratio": statistics.median(means)}
 
     # -- P3 / P4 -----------------------------------------------------------------------------
 
@@ -339,6 +363,7 @@ def main() -> None:
     try:
         bench.end_to_end()
         bench.step_overhead()
+        bench.validation_cost()
         bench.checkpoints(endpoint)
         bench.recovery()
         bench.prefect_overhead()

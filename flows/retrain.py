@@ -4,11 +4,15 @@ nothing), scores its best checkpoint and the production model on the same held-o
 promotes it only when it is better by ``margin``.
 
     python flows/retrain.py                      # once, here
-    (see deployments/prefect.yaml for the nightly deployment and the event-driven one)
+    (see deployments/prefect.yaml for the nightly deployment and the event-driven ones)
 
 The flow's result and a markdown artifact ``<model>-production-gate`` say which won and by how
 much; the promotion itself is ``pd.promote`` (compare-and-swap on the alias: a retraining that
 raced another one never overwrites its promotion).
+
+Event-driven, the same steps are two deployments: ``retrain(data_uri=..., promote=False)``
+when a new data set is materialized, then ``promote_run(run=...)`` when that training run's
+``prefect-distrain.run.completed`` event arrives.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from prefect import flow, task
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from digits import digits_loop  # noqa: E402
-from pipeline import DEFAULT_STORAGE, evaluate, prepare_digits  # noqa: E402
+from pipeline import DEFAULT_STORAGE, data_asset, evaluate, prepare_digits  # noqa: E402
 
 import prefect_distrain as pd  # noqa: E402
 
@@ -41,8 +45,16 @@ def previous_runs(storage: str, model: str) -> list[str]:
 @flow(name="digits-retraining", log_prints=True)
 def retrain(storage: str = DEFAULT_STORAGE, model: str = "digits", epochs: int = 3,
             num_workers: int = 2, hidden: int = 64, ray_address: str | None = None,
-            lr: float = 0.02, margin: float = 0.0, alias: str = "production") -> dict:
-    data_uri = prepare_digits(storage, seed=datetime.date.today().toordinal() % 1000)
+            lr: float = 0.02, margin: float = 0.0, alias: str = "production",
+            data_uri: str | None = None, promote: bool = True) -> dict:
+    """``data_uri``: train on this data set (the asset whose materialization triggered the
+    run) instead of preparing one. ``promote=False``: train and score only; the promotion
+    deployment gates the run when its completed event arrives."""
+    train = pd.train
+    if data_uri is None:
+        data_uri = prepare_digits(storage, seed=datetime.date.today().toordinal() % 1000)
+    else:  # the model asset is made from this data asset
+        train = pd.train.with_options(asset_deps=[data_asset(data_uri)])
     champion = production(storage, model, alias)
     start_from = champion or latest_best(storage, model)
     if start_from is not None:
@@ -51,7 +63,7 @@ def retrain(storage: str = DEFAULT_STORAGE, model: str = "digits", epochs: int =
     else:
         print("no earlier run: training from scratch")
     name = f"{model}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
-    result = pd.train(digits_loop, config={"data_uri": data_uri, "epochs": epochs,
+    result = train(digits_loop, config={"data_uri": data_uri, "epochs": epochs,
                                            "hidden": hidden, "lr": lr},
                       scaling=pd.ScalingConfig(num_workers=num_workers),
                       run=pd.RunConfig(name=name, storage=storage, total=epochs),
@@ -60,9 +72,39 @@ def retrain(storage: str = DEFAULT_STORAGE, model: str = "digits", epochs: int =
     challenger = result.best_checkpoints[0][0]
     score = evaluate(challenger, data_uri, hidden)
     print(f"retrained run {name}: test accuracy {score:.3f}")
+    if not promote:
+        return {"run": name, "accuracy": score, "warm_started": start_from is not None,
+                "promoted": False, "winner": None}
     decision = gate(challenger, score, champion, data_uri, hidden, storage=storage,
                     model=model, alias=alias, margin=margin)
     return {"run": name, "accuracy": score, "warm_started": start_from is not None, **decision}
+
+
+@flow(name="digits-promotion", log_prints=True)
+def promote_run(run: str, storage: str = DEFAULT_STORAGE, model: str = "digits",
+                hidden: int = 64, margin: float = 0.0, alias: str = "production",
+                data_uri: str | None = None) -> dict:
+    """Gate a finished training run (named by its ``prefect-distrain.run.completed`` event)
+    against the production model, on the newest data set's held-out split (or ``data_uri``)."""
+    challenger = pd.best_checkpoint(pd.RunConfig(name=run, storage=storage), "accuracy",
+                                    mode="max")
+    if challenger is None:
+        raise ValueError(f"run {run!r} in {storage} has no checkpoint with an accuracy to gate")
+    data_uri = data_uri or newest_data(storage)
+    score = evaluate(challenger, data_uri, hidden)
+    champion = production(storage, model, alias)
+    decision = gate(challenger, score, champion, data_uri, hidden, storage=storage,
+                    model=model, alias=alias, margin=margin)
+    return {"run": run, "accuracy": score, **decision}
+
+
+def newest_data(storage: str) -> str:
+    fs, root = fsspec.core.url_to_fs(f"{storage.rstrip('/')}/datasets")
+    found = sorted(fs.ls(root, detail=True), key=lambda f: f.get("mtime") or f.get("created")
+                   or 0) if fs.exists(root) else []
+    if not found:
+        raise ValueError(f"no data set in {storage}/datasets to evaluate on: pass data_uri")
+    return fs.unstrip_protocol(found[-1]["name"])
 
 
 def production(storage: str, model: str, alias: str) -> pd.Checkpoint | None:

@@ -30,7 +30,7 @@ from .checkpoints.checkpoint import Checkpoint
 from .checkpoints.lease import LeaseLostError, RunInUseError
 from .checkpoints.manager import best_checkpoint, latest_checkpoint
 from .collective import CollectiveTimeoutError
-from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from .config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, Validation
 from .exceptions import (
     CheckpointCorruptError,
     CheckpointUploadError,
@@ -109,7 +109,7 @@ __all__ = [
     "TensorflowConfig", "TensorflowTrainer", "TorchConfig", "TorchTrainer", "TrainContext",
     "TrainResult", "Trainer", "TrainingCallback", "TrainingHangError", "TrialResult",
     "TrialScheduler", "TuneConfig", "TuneResult", "Tuner", "UnequalReportsError",
-    "UnsafeCheckpointError", "WorkerError", "WorkerLostError", "alias_history",
+    "UnsafeCheckpointError", "Validation", "WorkerError", "WorkerLostError", "alias_history",
     "available_backends", "best_checkpoint", "callbacks", "choice", "collective", "get_checkpoint",
     "get_context", "get_dataset_shard", "grid", "latest_checkpoint", "lightning", "load_alias",
     "loguniform", "promote", "ray_task_runner", "read_dataset", "report",

@@ -64,6 +64,11 @@ class TrainingCallback:
         """A checkpoint was committed (its manifest written); ``checkpoint.metrics`` holds
         rank 0's metrics of that report. It carries no credentials."""
 
+    def on_checkpoint_validated(self, checkpoint: Any, **info: Any) -> None:
+        """A committed checkpoint's validation (``pd.Validation``) ended: ``checkpoint.status``
+        is "validated" (its metrics include the validation's) or "validation failed"
+        (``info["error"]`` says why)."""
+
     def finish_training(self, error: bool = False, **info: Any) -> None:
         """After the run, whether it succeeded (``error=False``) or not."""
 

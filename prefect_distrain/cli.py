@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import settings
+from .checkpoints.checkpoint import Checkpoint
 from .checkpoints.fs import absolute_url, filesystem, list_names, redact_url
 from .checkpoints.lease import RunInUseError, holder_identity
 from .checkpoints.manager import CheckpointManager, best_first, score
@@ -126,8 +127,8 @@ def _show(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: 
     console.print(table)
 
 
-def _metrics(manifest: Manifest) -> str:
-    shown = {k: v for k, v in manifest.metrics.items() if not k.startswith("_")}
+def _metrics(checkpoint: Checkpoint) -> str:
+    shown = {k: v for k, v in checkpoint.metrics.items() if not k.startswith("_")}
     return json.dumps(shown, default=str)[:80]
 
 
@@ -178,6 +179,7 @@ def checkpoints_ls(run: str = typer.Argument(..., help="the run's folder URL or 
     storage = _run(run, storage_options, block)
     manifests, problems = storage.read_manifests()
     committed = {m.directory: m for m in manifests}
+    validations, more = storage.read_validations()
     rows, corrupt = [], 0
     for name, index, attempt in sorted(storage.checkpoint_folders(), key=lambda f: f[1:]):
         manifest = committed.get(name)
@@ -185,9 +187,10 @@ def checkpoints_ls(run: str = typer.Argument(..., help="the run's folder URL or 
         if manifest is None:
             row["status"] = "torn (no manifest: never used)"
         else:
+            checkpoint = storage.checkpoint(manifest, validations.get(name))
             row.update(files=len(manifest.files),
                        size=sum(f.size for f in manifest.files.values()),
-                       metrics=_metrics(manifest), status="committed")
+                       metrics=_metrics(checkpoint), status=checkpoint.status)
             if verify:
                 problem = _verify(storage, manifest)
                 row["status"] = "verified" if problem is None else f"CORRUPT: {problem}"
@@ -195,6 +198,8 @@ def checkpoints_ls(run: str = typer.Argument(..., help="the run's folder URL or 
         rows.append(row)
     for problem in problems:
         rows.append({"status": f"bad manifest: {problem}"})
+    for problem in more:
+        rows.append({"status": f"bad record: {problem}"})
     _show(rows, ["index", "attempt", "files", "size", "metrics", "status"], as_json,
           f"Checkpoints of {redact_url(storage.run_url)}")
     if corrupt:
@@ -236,13 +241,13 @@ def best(run: str = typer.Argument(..., help="the run's folder URL or path"),
     if mode not in ("min", "max"):
         _fail(f"--mode {mode!r}: use min or max")
     storage = _run(run, storage_options, block)
-    ordered = best_first(storage.read_manifests()[0], metric, mode)
+    ordered = best_first(storage.checkpoints(), metric, mode)  # validated metrics count
     if not ordered or score(ordered[0].metrics, metric) is None:
         Console(stderr=True, soft_wrap=True).print(
             f"no committed checkpoint has a value of {metric!r}", markup=False)
         raise typer.Exit(1)
     winner = ordered[0]
-    path = redact_url(f"{storage.run_url}/{winner.directory}")
+    path = redact_url(winner.path)
     if as_json:
         typer.echo(json.dumps({"index": winner.index, "path": path,
                                metric: winner.metrics.get(metric)}, default=str))

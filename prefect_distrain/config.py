@@ -232,6 +232,64 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """How committed checkpoints are validated off the training path.
+
+    After a checkpoint commits, ``fn(checkpoint, config)`` (or ``fn(checkpoint)``) runs as a Ray
+    task on ``resources`` of its own (default 1 CPU), at most ``max_in_flight`` at a time, while
+    training goes on; in local mode (``num_workers=0``) it runs on a thread. Its dict of metrics
+    is added to the checkpoint's metrics (a validated value replaces a reported one of the same
+    name, as in Ray Train) in a record beside the manifest, ``_validations/<folder>.json``,
+    which never changes the committed manifest. ``config``: what ``fn`` is given (default: the
+    run's ``config``). ``every``: validate every committed checkpoint (default), or only those
+    reported with ``report(..., validate=True)``; ``validate=False`` skips one.
+
+    A checkpoint's status goes committed -> validating -> validated, or validation failed (``fn``
+    raised, returned something other than a dict, or ran past ``timeout_s``): recorded, never a
+    failure of the training. The run ends once every validation has ended. Retention and the
+    best checkpoints may score by a validated metric; a checkpoint being validated is kept.
+    """
+
+    fn: Any
+    config: Any = None
+    resources: dict[str, float] | None = None
+    max_in_flight: int = 1
+    every: bool = True
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ConfigurationError(
+                f"Validation(fn=...) takes a function fn(checkpoint, config) -> dict of metrics, "
+                f"got {type(self.fn).__name__}")
+        resources = self.resources
+        if resources is not None and (not isinstance(resources, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and v >= 0 for k, v in resources.items())):
+            raise ConfigurationError(
+                f"Validation(resources={resources!r}): give a dict of Ray resource name -> "
+                "amount, e.g. {'CPU': 1} or {'CPU': 1, 'GPU': 1}")
+        if not isinstance(self.max_in_flight, int) or isinstance(self.max_in_flight, bool) \
+                or self.max_in_flight < 1:
+            raise ConfigurationError(
+                f"Validation(max_in_flight={self.max_in_flight!r}): how many validations may run "
+                "at once, at least 1")
+        if not isinstance(self.every, bool):
+            raise ConfigurationError(f"Validation(every={self.every!r}): True or False")
+        if not isinstance(self.timeout_s, (int, float)) or isinstance(self.timeout_s, bool) \
+                or self.timeout_s <= 0:
+            raise ConfigurationError(
+                f"Validation(timeout_s={self.timeout_s!r}): a positive number of seconds that "
+                "one validation may take")
+
+    @property
+    def task_resources(self) -> dict[str, float]:
+        """The Ray resources of one validation task."""
+        resources = {"CPU": 1.0, **{k: float(v) for k, v in (self.resources or {}).items()}}
+        return {k: v for k, v in resources.items() if v > 0}
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Which checkpoints to keep and how they reach storage.
 
@@ -247,6 +305,8 @@ class CheckpointConfig:
     credentials) is written again on a fresh client, up to this many times, after pauses that
     double from 0.5 s up to ``upload_backoff_max_s`` (with jitter); then it fails the attempt
     as infrastructure.
+
+    ``validate``: a ``Validation`` run on committed checkpoints off the training path.
 
     ``mode="auto"``: when the loop prepared its model, optimizer and training data loader with
     ``pd.torch.prepare_model`` / ``prepare_optimizer`` / ``prepare_data_loader``, their state is
@@ -271,8 +331,13 @@ class CheckpointConfig:
     upload_retries: int = 5
     upload_backoff_max_s: float = 20.0
     rank_conflicts: str = "warn"
+    validate: Validation | None = None
 
     def __post_init__(self) -> None:
+        if self.validate is not None and not isinstance(self.validate, Validation):
+            raise ConfigurationError(
+                f"CheckpointConfig(validate=...) takes a pd.Validation(fn, ...), got "
+                f"{type(self.validate).__name__}")
         if self.num_to_keep is not None and (
                 not isinstance(self.num_to_keep, int) or self.num_to_keep < 1):
             raise ConfigurationError(

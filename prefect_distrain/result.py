@@ -18,7 +18,9 @@ class TrainResult:
     training function's return values in rank order.
     ``checkpoint`` is the latest committed checkpoint (None if none was reported) and
     ``best_checkpoints`` the kept ones with their metrics, best first by the score attribute
-    (newest first without one). Checkpoints here carry no storage options, so no credentials
+    (newest first without one); ``checkpoints`` the kept ones oldest first, each with its
+    ``status`` (committed, or validated / validation failed with ``pd.Validation``) and its
+    metrics, the validation's included. Checkpoints here carry no storage options, so no credentials
     are persisted with the result: ``resume_from_checkpoint`` adds the run's options back.
     ``attempt`` is the number of the attempt that finished (attempts count every start of the
     worker group in this run, across Prefect retries); ``failures`` the restarts in this call
@@ -42,6 +44,7 @@ class TrainResult:
     metrics_all_ranks: list[dict[str, Any]] = field(default_factory=list)
     metrics_history_all_ranks: list[list[dict[str, Any]]] = field(default_factory=list)
     wall_time_s: float = field(default=0.0, compare=False)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
 
     @property
     def error(self) -> BaseException | None:

@@ -24,6 +24,7 @@ def test_the_benchmark_runner_produces_every_figure(tmp_path):
     figures = json.loads(out.read_text())["figures"]
     for name in ("P1 ours / Ray Train", "P1 ours / torchrun", "P1b time to first step (s)",
                  "P2 step with report / without", "P3 stall async / sync, s3",
+                 "P2d step with a 2 s validation per checkpoint / without",
                  "P3 stall async / sync, local", "P4 persistence / raw s3fs.put_file",
                  "P5 recovery / P1b", "P6 pd.train in a flow - bare Trainer (s)"):
         assert name in figures, name

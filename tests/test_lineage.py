@@ -101,3 +101,26 @@ def checkpoint_loop():
         with open(os.path.join(folder, "w.txt"), "w") as f:
             f.write("w")
         pd.report({"loss": 1.0}, checkpoint=pd.Checkpoint.from_directory(folder))
+
+
+def test_the_example_pipelines_asset_graph_goes_from_the_data_to_the_model(tmp_path):
+    """flows/pipeline.py: the data set it publishes is an asset with its metadata, and the
+    model asset of its run is made from it (with the best validated checkpoint's metrics)."""
+    from conftest import load_flow
+
+    score = load_flow("pipeline").pipeline(storage=str(tmp_path), epochs=2, num_workers=1)
+    data = f"file://{tmp_path}/datasets/digits-seed0.npz"
+    [run] = [p for p in os.listdir(tmp_path) if p != "datasets"]
+    model = f"file://{tmp_path}/{run}"
+    events = asset_events({data, model}, 3)
+    [published] = [e for e in events if e.event == "prefect.asset.materialization.succeeded"
+                   and e.resource.id == data]
+    assert published.resource.get("prefect.resource.name") == "digits-data"
+    assert published.payload == {"seed": 0, "train_rows": 1347, "test_rows": 450}
+    assert ("scikit-learn", "asset-materialized-by") in {(r.id, r.role)
+                                                         for r in published.related}
+    [trained] = [e for e in events if e.event == "prefect.asset.materialization.succeeded"
+                 and e.resource.id == model]
+    assert (data, "asset") in {(r.id, r.role) for r in trained.related}
+    assert trained.payload["run"] == run and 0.8 < trained.payload["metrics"]["val_accuracy"]
+    assert score == pytest.approx(trained.payload["metrics"]["val_accuracy"])

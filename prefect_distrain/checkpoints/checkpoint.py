@@ -30,6 +30,7 @@ import fsspec
 
 from ..exceptions import CheckpointCorruptError, ConfigurationError, UnsafeCheckpointError
 from .fs import file_digest, filesystem, is_local, redact_url
+from .validation import COMMITTED, ValidationRecord
 
 if TYPE_CHECKING:
     from .manifest import Manifest
@@ -48,6 +49,8 @@ class Checkpoint:
     path: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     manifest: Manifest | None = field(default=None, repr=False, compare=False)
+    #: Its validation record (``pd.Validation``), if it was validated or is being validated.
+    validation: ValidationRecord | None = field(default=None, repr=False, compare=False)
 
     @property
     def index(self) -> int | None:
@@ -56,15 +59,25 @@ class Checkpoint:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        """The metrics rank 0 reported with this checkpoint."""
-        return dict(self.manifest.metrics) if self.manifest else {}
+        """The metrics rank 0 reported with this checkpoint, and those its validation returned
+        (a validated value replaces a reported one of the same name)."""
+        reported = dict(self.manifest.metrics) if self.manifest else {}
+        return {**reported, **self.validation.metrics} if self.validation else reported
+
+    @property
+    def status(self) -> str | None:
+        """"committed", "validating", "validated" or "validation failed"; None for a folder
+        that no run committed."""
+        if self.manifest is None:
+            return None
+        return self.validation.status if self.validation else COMMITTED
 
     def __repr__(self) -> str:
         return f"Checkpoint(path={redact_url(self.path)!r})"
 
     def without_credentials(self) -> Checkpoint:
         """The same checkpoint with no storage options: safe to return, persist or show."""
-        return Checkpoint(self.path, {}, self.manifest)
+        return Checkpoint(self.path, {}, self.manifest, self.validation)
 
     @classmethod
     def from_directory(cls, path: str | os.PathLike) -> Checkpoint:

@@ -19,9 +19,15 @@ Rules, each kept here only:
   the order; NaN, infinite, missing or non-numeric scores are never best and come after every
   real score, newest first. Retention, the result's ``best_checkpoints``, ``best_checkpoint``
   and the sweeps all use this one ordering.
+- **Scored** by the metrics reported with a checkpoint and those its validation returned
+  (``pd.Validation``; a validated value replaces a reported one of the same name).
 - **Kept** (``num_to_keep``): the first N by that ordering, plus always the latest, the
-  checkpoint this run resumed from, and those a model alias points at or pointed at just before
-  (``pd.promote`` pins them). Deleting removes the manifest first, then the files.
+  checkpoint this run resumed from, those being validated, and those a model alias points at or
+  pointed at just before (``pd.promote`` pins them). Deleting removes the manifest first, then
+  the validation record and the files.
+- **Validated** off the training path (``execution/validations.py`` runs them): the record
+  beside the manifest says validating, then validated or validation failed; the manifest never
+  changes. A validation a failed attempt left unfinished is run again by the next.
 - **One writer** per run: a lease (lease.py); commits and deletions check it first.
 - **Torn** folders (no manifest at all) are removed only by the lease holder, and only those of
   attempts that are provably over: recorded as ended, or run by a writer that released the run
@@ -33,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, NamedTuple, TypeVar
 
 from .. import settings
 from ..config import CheckpointConfig
@@ -45,6 +51,7 @@ from .ledger import read_attempts
 from .manifest import FileEntry, Manifest, ManifestError, parse_dirname
 from .retry import RetryCounts
 from .storage import MANIFESTS, PINS, RunStorage, driver_io, pinned_folder
+from .validation import VALIDATING, ValidationRecord
 
 T = TypeVar("T")
 
@@ -72,12 +79,24 @@ def best_first(items: Iterable[T], attribute: str | None, order: str = "max") ->
     return sorted(items, key=key)
 
 
+class _Scored(NamedTuple):
+    index: int
+    metrics: dict[str, Any]
+    directory: str
+
+
 def retained(manifests: list[Manifest], num_to_keep: int | None, attribute: str | None,
-             order: str, protected: set[str] = frozenset()) -> list[Manifest]:
-    """The manifests to keep (see the module's rules), in their given order."""
+             order: str, protected: set[str] = frozenset(),
+             validations: dict[str, ValidationRecord] | None = None) -> list[Manifest]:
+    """The manifests to keep (see the module's rules), in their given order; ``validations``
+    (by folder) add their metrics to the scores."""
     if num_to_keep is None or not manifests:
         return list(manifests)
-    keep = {m.directory for m in best_first(manifests, attribute, order)[:num_to_keep]}
+    validations = validations or {}
+    scored = [_Scored(m.index, {**m.metrics, **(validations[m.directory].metrics
+                                                if m.directory in validations else {})},
+                      m.directory) for m in manifests]
+    keep = {m.directory for m in best_first(scored, attribute, order)[:num_to_keep]}
     keep.add(latest(manifests).directory)
     keep |= set(protected)
     return [m for m in manifests if m.directory in keep]
@@ -153,6 +172,10 @@ class CheckpointManager:
         self.logger = logger or logging.getLogger("prefect_distrain")
         self.lease: RunLease | None = None
         self.committed: list[Manifest] = []
+        #: The validation records of the committed checkpoints, by folder.
+        self.validations: dict[str, ValidationRecord] = {}
+        #: Folders whose validation runs now, in this process (kept from retention).
+        self.validating: set[str] = set()
         self.protected: set[str] = set()
         #: The storage retries of this run's writers so far (retry.py).
         self.retries = RetryCounts()
@@ -176,9 +199,11 @@ class CheckpointManager:
         before committed), saying which files in ``_manifests`` are not valid ones."""
         with driver_io("reading the manifests", self.storage):
             manifests, problems = self.storage.read_manifests()
-        for problem in problems:
+            validations, more = self.storage.read_validations()
+        for problem in problems + more:
             self.logger.warning("Skipping %s; it is left as it is", problem)
         self.committed = manifests
+        self.validations = validations
         return manifests
 
     def check_lease(self, look: bool = True) -> None:
@@ -194,16 +219,19 @@ class CheckpointManager:
     # -- reading checkpoints ---------------------------------------------------------------
 
     def checkpoint(self, manifest: Manifest) -> Checkpoint:
-        return self.storage.checkpoint(manifest)
+        return self.storage.checkpoint(manifest, self.validations.get(manifest.directory))
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every committed checkpoint with its validation status, oldest first."""
+        return [self.checkpoint(m) for m in self.committed]
 
     def latest(self) -> Checkpoint | None:
         manifest = latest(self.committed)
         return self.checkpoint(manifest) if manifest else None
 
     def best_checkpoints(self) -> list[Checkpoint]:
-        return [self.checkpoint(m) for m in best_first(
-            self.committed, self.config.checkpoint_score_attribute,
-            self.config.checkpoint_score_order)]
+        return best_first(self.checkpoints(), self.config.checkpoint_score_attribute,
+                          self.config.checkpoint_score_order)
 
     def resume_point(self, value: Checkpoint | str | None) -> Checkpoint | None:
         """What ``resume_from_checkpoint`` names: None, "latest", a path/URL or a Checkpoint;
@@ -276,7 +304,8 @@ class CheckpointManager:
         """Write the manifest of a checkpoint whose files every declaring rank has uploaded,
         then remove torn folders (once per attempt) and apply retention."""
         attribute = self.config.checkpoint_score_attribute
-        if attribute is not None and attribute not in metrics:
+        # With a validation, the score may be one of the metrics it returns.
+        if attribute is not None and attribute not in metrics and self.config.validate is None:
             shown = sorted(k for k in metrics if not k.startswith("_"))
             raise ConfigurationError(
                 f"checkpoint_score_attribute {attribute!r} is not in the metrics reported with "
@@ -297,6 +326,41 @@ class CheckpointManager:
         self.apply_retention()
         return manifest
 
+    # -- validations ------------------------------------------------------------------------
+
+    def unfinished_validations(self) -> list[Manifest]:
+        """Committed checkpoints whose validation an earlier writer started and never ended
+        (its attempt failed or its process died): to be validated again."""
+        return [m for m in self.committed if m.directory not in self.validating
+                and (record := self.validations.get(m.directory)) is not None
+                and record.status == VALIDATING]
+
+    def record_validation(self, manifest: Manifest, record: ValidationRecord) -> Checkpoint:
+        """Write where a checkpoint's validation stands (under the lease); once it ended, the
+        checkpoint may be scored by its metrics and retention looks again. Returns the
+        checkpoint with its new status."""
+        self.check_lease()
+        with driver_io(f"recording the validation of checkpoint {manifest.index}",
+                       self.storage):
+            self.storage.write_validation(manifest.directory, record,
+                                          on_retry=self.retries.driver_retried)
+        self.validations[manifest.directory] = record
+        if record.status == VALIDATING:
+            self.validating.add(manifest.directory)
+        else:
+            self.validating.discard(manifest.directory)
+            attribute = self.config.checkpoint_score_attribute
+            if record.metrics and attribute is not None \
+                    and attribute not in {**manifest.metrics, **record.metrics}:
+                self.logger.warning(
+                    "checkpoint_score_attribute %r is neither reported with checkpoint %d nor "
+                    "returned by its validation (%s): it is never best. Return it from the "
+                    "validation function or report it", attribute, manifest.index,
+                    ", ".join(sorted(record.metrics)))
+            if manifest in self.committed:
+                self.apply_retention()
+        return self.checkpoint(manifest)
+
     def pinned(self) -> set[str]:
         """The folders a model alias points at now or pointed at just before (``pd.promote``
         pins them in ``_pins/``): kept whatever the retention."""
@@ -309,13 +373,15 @@ class CheckpointManager:
             return
         keep = retained(self.committed, self.config.num_to_keep,
                         self.config.checkpoint_score_attribute,
-                        self.config.checkpoint_score_order, self.protected | self.pinned())
+                        self.config.checkpoint_score_order,
+                        self.protected | self.validating | self.pinned(), self.validations)
         gone = [m for m in self.committed if m not in keep]
         if gone:
             self.check_lease()
         for manifest in gone:
             with driver_io(f"deleting checkpoint {manifest.index}", self.storage):
                 self.storage.delete_checkpoint(manifest)
+            self.validations.pop(manifest.directory, None)
         self.committed = keep
 
     def torn_folders(self, current_attempt: int) -> list[str]:
@@ -365,17 +431,14 @@ class CheckpointManager:
 
 def committed_checkpoints(run: Any) -> list[Checkpoint]:
     """The committed checkpoints of a run (a RunConfig with a name), oldest first."""
-    storage = run_storage(run)
-    manifests, _ = storage.read_manifests()
-    return [storage.checkpoint(m) for m in manifests]
+    return run_storage(run).checkpoints()
 
 
 def latest_checkpoint(run: Any) -> Checkpoint | None:
     """The latest committed checkpoint of another run (a RunConfig with a name), e.g. to
     warm-start a new run from it: ``resume_from_checkpoint=pd.latest_checkpoint(prod)``."""
-    storage = run_storage(run)
-    manifest = latest(storage.read_manifests()[0])
-    return storage.checkpoint(manifest) if manifest else None
+    return max(run_storage(run).checkpoints(), key=lambda c: (c.index, c.manifest.attempt),
+               default=None)
 
 
 def best_checkpoint(run: Any, metric: str, mode: str = "min") -> Checkpoint | None:
@@ -383,11 +446,10 @@ def best_checkpoint(run: Any, metric: str, mode: str = "min") -> Checkpoint | No
     "max"); checkpoints without a real value of the metric (missing, NaN) are never chosen."""
     if mode not in ("min", "max"):
         raise ConfigurationError(f"mode {mode!r}: use 'min' or 'max'")
-    storage = run_storage(run)
-    ordered = best_first(storage.read_manifests()[0], metric, mode)
+    ordered = best_first(run_storage(run).checkpoints(), metric, mode)
     if not ordered or score(ordered[0].metrics, metric) is None:
         return None
-    return storage.checkpoint(ordered[0])
+    return ordered[0]
 
 
 def run_storage(run: Any) -> RunStorage:

@@ -7,6 +7,8 @@ Layout of one run::
                                            written by attempt 0 (never shared across attempts)
         _manifests/checkpoint_000003-a0.json   the commit: written last, once, by the driver
                                            after every reporting rank has uploaded
+        _validations/checkpoint_000003-a0.json   its validation's status and metrics
+                                           (pd.Validation), replaced as it moves on
         _attempts/attempt_00000.json       one record per start of the worker group, claimed
                                            by an exclusive create
         _lease/lease_000001.json           who writes the run now (lease.py)
@@ -33,6 +35,7 @@ from . import fs as fsutil
 from .checkpoint import Checkpoint
 from .manifest import FileEntry, Manifest, ManifestError, checkpoint_dirname, parse_dirname
 from .retry import RetryPolicy, with_retries
+from .validation import ValidationRecord, ValidationRecordError
 
 MANIFESTS = "_manifests"
 ATTEMPTS = "_attempts"
@@ -40,6 +43,7 @@ ATTEMPTS = "_attempts"
 PINS = "_pins"
 FORENSICS = "forensics"
 LEASE = "_lease"
+VALIDATIONS = "_validations"
 
 logger = logging.getLogger("prefect_distrain")
 
@@ -75,9 +79,10 @@ class RunStorage:
         """The filesystem path of ``<run>/<parts...>``."""
         return "/".join([self.filesystem()[1].rstrip("/"), *parts])
 
-    def checkpoint(self, manifest: Manifest) -> Checkpoint:
+    def checkpoint(self, manifest: Manifest,
+                   validation: ValidationRecord | None = None) -> Checkpoint:
         return Checkpoint(f"{self.run_url}/{manifest.directory}", self.storage_options,
-                          manifest=manifest)
+                          manifest=manifest, validation=validation)
 
     def contains(self, path: str) -> bool:
         """Whether a checkpoint path lies in this storage (any run of it)."""
@@ -204,6 +209,12 @@ class RunStorage:
                 problems.append(str(error))
         return sorted(valid, key=lambda m: (m.index, m.attempt)), problems
 
+    def checkpoints(self) -> list[Checkpoint]:
+        """The run's committed checkpoints, oldest first, each with its validation record."""
+        manifests, _ = self.read_manifests()
+        validations, _ = self.read_validations()
+        return [self.checkpoint(m, validations.get(m.directory)) for m in manifests]
+
     def read_manifest(self, directory: str) -> Manifest:
         """The manifest of one checkpoint folder; ManifestError if it has none or a bad one."""
         name = f"{directory}.json"
@@ -212,6 +223,28 @@ class RunStorage:
             raise ManifestError(f"checkpoint {directory} has no manifest in "
                                 f"{fsutil.redact_url(self.run_url)}/{MANIFESTS}")
         return Manifest.from_json(data, name)
+
+    def write_validation(self, directory: str, record: ValidationRecord,
+                         on_retry: Callable[[], None] | None = None) -> None:
+        """The validation record of one checkpoint folder, replaced atomically (retried)."""
+        self.write_json(record.to_record(), VALIDATIONS, f"{directory}.json", on_retry=on_retry)
+
+    def read_validations(self) -> tuple[dict[str, ValidationRecord], list[str]]:
+        """The validation records by checkpoint folder, and why each other file in
+        ``_validations`` is not one (left as it is)."""
+        fs, _ = self.filesystem()
+        records, problems = {}, []
+        for name in self.names(VALIDATIONS):
+            if not name.endswith(".json") or parse_dirname(name[:-len(".json")]) is None:
+                continue
+            data = fsutil.read_bytes(fs, self.path(VALIDATIONS, name))
+            if data is None:  # deleted by retention while we listed
+                continue
+            try:
+                records[name[:-len(".json")]] = ValidationRecord.from_json(data, name)
+            except ValidationRecordError as error:
+                problems.append(str(error))
+        return records, problems
 
     def checkpoint_folders(self) -> list[tuple[str, int, int]]:
         """(name, index, attempt) of every checkpoint folder in the run, committed or not."""
@@ -223,12 +256,15 @@ class RunStorage:
         return found
 
     def delete_checkpoint(self, manifest: Manifest) -> None:
-        """Manifest first, then files: a reader never finds a manifest without its files."""
+        """Manifest first, then its validation record and files: a reader never finds a
+        manifest without its files (a record without a manifest means nothing)."""
         fs, _ = self.filesystem()
-        try:
-            fs.rm_file(self.path(MANIFESTS, f"{manifest.directory}.json"))
-        except FileNotFoundError:
-            pass
+        for record in (self.path(MANIFESTS, f"{manifest.directory}.json"),
+                       self.path(VALIDATIONS, f"{manifest.directory}.json")):
+            try:
+                fs.rm_file(record)
+            except FileNotFoundError:
+                pass
         self.remove_folder(manifest.directory)
 
     def remove_folder(self, directory: str) -> None:

@@ -226,6 +226,28 @@ def check_cluster_can_hold(scaling: ScalingConfig) -> None:
             requested={k: v * n for k, v in bundle.items()}, available=totals)
 
 
+def check_cluster_can_validate(task: dict[str, float], bundle: dict[str, float],
+                               workers: int) -> None:
+    """Fail at once when a validation task (``pd.Validation``) could never run beside the
+    worker group: it would wait for ever, and so would the end of the run."""
+    if not task or settings.settings().allow_autoscaling:
+        return
+    _, held = held_by_caller()
+    totals = {k: v for k, v in ray.cluster_resources().items()
+              if "_group_" not in k and not k.startswith("node:")}
+    taken = {k: v * workers + held.get(k, 0.0) for k, v in bundle.items()}
+    for key in held:
+        taken.setdefault(key, held[key])
+    left = {k: totals.get(k, 0.0) - taken.get(k, 0.0) for k in task}
+    if fits(task, left) < 1:
+        raise ResourcesUnavailableError(
+            f"Validation asks for {describe(task)} per validation, but beside the {workers} "
+            f"workers ({describe(bundle)} each) this Ray cluster has {describe(left)} left "
+            f"(cluster: {describe(totals)}): no validation could ever start. Give it less, e.g. "
+            "pd.Validation(fn, resources={'CPU': 0.5}), use fewer workers, or a bigger cluster",
+            requested=task, available=left)
+
+
 def held_by_caller() -> tuple[str | None, dict[str, float]]:
     """(node id, resources) that the Ray task or actor calling this holds, e.g. the task of
     prefect-ray's RayTaskRunner that runs ``train``; (None, {}) in a driver."""

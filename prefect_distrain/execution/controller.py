@@ -28,6 +28,7 @@ from .failure_policy import Failure
 from .history import RunHistory
 from .iterations import Iterations, PendingCommits
 from .poll import PollStatus, Watch, poll_workers
+from .validations import Validations
 from .worker_errors import worker_failure
 from .worker_group import WorkerGroup
 
@@ -69,6 +70,8 @@ class RunSpec:
     #: ``FailureConfig.preemption_grace_s``; whether the driver was sent SIGTERM.
     preemption_grace_s: float = 25.0
     shutdown_requested: Callable[[], bool] | None = None
+    #: The run's validations (``CheckpointConfig(validate=...)``), across its attempts.
+    validations: Validations | None = None
 
     @property
     def first_index(self) -> int:
@@ -112,6 +115,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
             "progress_every_s": min(5.0, spec.hang_timeout_s / 4)
             if spec.hang_timeout_s else None,
             "preemption_grace_s": spec.preemption_grace_s,
+            "validates": spec.validations is not None,
         }
         for m in group.members
     ]
@@ -120,6 +124,9 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
                           on_stop=lambda reason: group.request_stop(reason, iterations.highest),
                           on_verdict=group.judge)
     commits = PendingCommits(spec, group, callbacks, logger)
+    if spec.validations is not None:
+        spec.validations.attach(callbacks, spec.attempt)
+        spec.validations.resume()
     iterations = Iterations(len(group), spec, commits, callbacks, logger)
     # The storage (with its options) for trackers that write into the run's folder.
     callbacks.call("start_training", redact_url(spec.storage.run_url), spec.config,
@@ -141,22 +148,22 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
         status = poll_workers(group, generators, iterations, commits, callbacks, spec.logs,
                               spec.checkpoints, spec.should_resize, watch)
     except BaseException:
-        _end(group, callbacks, error=True)
+        _end(group, callbacks, error=True, validations=spec.validations)
         raise
     if status.preempted is not None:
-        _end(group, callbacks, error=True)
+        _end(group, callbacks, error=True, validations=spec.validations)
         raise _preemption_error(spec, status, commits.last_committed or (
             spec.resume_from.index if spec.resume_from is not None else None))
     if status.errors:
         error, failure = worker_failure(status.errors, len(group), iterations.last,
                                         spec.is_backend_failure, spec.fatal_exceptions)
-        _end(group, callbacks, error=True)
+        _end(group, callbacks, error=True, validations=spec.validations)
         return RunOutcome(error=error, failure=failure)
     if status.resize_after is not None:
-        _end(group, callbacks, error=False)
+        _end(group, callbacks, error=False, validations=spec.validations)
         return RunOutcome(resize_after=status.resize_after)
     if status.timed_out:
-        _end(group, callbacks, error=True)
+        _end(group, callbacks, error=True, validations=spec.validations)
         raise RunTimeoutError(
             f"the run's deadline of {spec.timeout_s:g} s (RunConfig(timeout_s)) passed: every "
             "rank was stopped"
@@ -170,6 +177,9 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
         group.shutdown()
     for index in sorted(commits.waiting):
         logger.warning("Checkpoint %d was not committed: not every rank reported it", index)
+    if spec.validations is not None:
+        spec.validations.finish()
+        spec.validations.attach(None, spec.attempt)
     callbacks.call("finish_training", error=False)
     callbacks.close()
     if callbacks.error is not None:
@@ -233,7 +243,10 @@ def _innermost(stack: str) -> str:
     return frames[-1] if frames else (first.strip().splitlines() or ["?"])[0]
 
 
-def _end(group: WorkerGroup, callbacks: Callbacks, error: bool) -> None:
+def _end(group: WorkerGroup, callbacks: Callbacks, error: bool,
+         validations: Validations | None = None) -> None:
     group.shutdown()  # a survivor may hang in a collective: kill, don't wait
+    if validations is not None:  # they go on; the next attempt's callbacks hear of them
+        validations.attach(None, validations.attempt)
     callbacks.call("finish_training", error=error)
     callbacks.close()

@@ -69,9 +69,10 @@ class PendingCommits:
         if self.world_size > 1:
             self.group.plan_uploads(index, upload_plan(names_by_rank))
 
-    def declared(self, index: int, ranks: set[int], metrics: dict) -> None:
+    def declared(self, index: int, ranks: set[int], metrics: dict,
+                 validate: bool | None = None) -> None:
         entry = self.waiting.setdefault(index, {"files": {}})
-        entry["ranks"], entry["metrics"] = ranks, metrics
+        entry["ranks"], entry["metrics"], entry["validate"] = ranks, metrics, validate
         self._commit_if_ready(index)
 
     def _commit_if_ready(self, index: int) -> None:
@@ -90,6 +91,14 @@ class PendingCommits:
         self.callbacks.call("on_checkpoint_commit", checkpoint.without_credentials(),
                             index=index, attempt=self.spec.attempt)
         self.last_committed = index
+        validations = self.spec.validations
+        if validations is not None and validations.wanted(entry["validate"]):
+            validations.submit(manifest)
+
+    def poll_validations(self) -> None:
+        """Record the validations that ended and start waiting ones (every poll turn)."""
+        if self.spec.validations is not None:
+            self.spec.validations.poll()
 
 
 class Iterations:
@@ -132,7 +141,8 @@ class Iterations:
         if with_checkpoint:
             self.commits.plan(iteration, {r: reports[r]["upload"]["names"]
                                           for r in sorted(with_checkpoint)})
-            self.commits.declared(iteration, with_checkpoint, results[0])
+            self.commits.declared(iteration, with_checkpoint, results[0],
+                                  reports[min(with_checkpoint)]["upload"].get("validate"))
         if automatic:
             return
         now = time.monotonic()

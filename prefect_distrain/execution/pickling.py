@@ -30,18 +30,34 @@ _lock = threading.Lock()
 
 
 def user_modules(objects: Iterable[Any]) -> list[types.ModuleType]:
-    """The user's own modules that the callables among ``objects`` come from."""
+    """The user's own modules that the callables among ``objects`` come from, and those of the
+    functions and classes they use from other modules of the user's (a helper imported from a
+    sibling file, say), followed a few levels deep."""
     found: list[types.ModuleType] = []
-    for obj in objects:
-        if not callable(obj):
+    todo = [(obj, 0) for obj in objects]
+    seen: set[int] = set()
+    while todo:
+        obj, depth = todo.pop()
+        if not callable(obj) or id(obj) in seen:
             continue
-        module = sys.modules.get(getattr(obj, "__module__", None) or "")
+        seen.add(id(obj))
+        name = getattr(obj, "__module__", None) or ""
+        module = sys.modules.get(name)
         file = getattr(module, "__file__", None)
-        if (module is None or not file or module.__name__ == "__main__" or module in found
-                or os.path.realpath(file).startswith(_INSTALLED)
-                or module.__name__.split(".")[0] in _EVERYWHERE):
+        if name.split(".")[0] in _EVERYWHERE or (
+                file and os.path.realpath(file).startswith(_INSTALLED)):
             continue
-        found.append(module)
+        # Not importable here (a file loaded by path): pickled by value anyway, but what it
+        # uses may come from modules that are.
+        if module is not None and file and name != "__main__" and module not in found:
+            found.append(module)
+        if depth < 3 and inspect.isfunction(obj):
+            try:
+                used = inspect.getclosurevars(obj)
+            except (TypeError, ValueError):
+                continue
+            todo += [(value, depth + 1) for value in
+                     (*used.globals.values(), *used.nonlocals.values())]
     return found
 
 
@@ -65,7 +81,7 @@ def by_value(modules: list[types.ModuleType]) -> Iterator[None]:
                 cloudpickle.unregister_pickle_by_value(module)
 
 
-def serialize_train_function(fn: Callable) -> bytes:
+def serialize_train_function(fn: Callable, what: str = "the training function") -> bytes:
     """Pickle the function once for all workers; say what it captured when that fails."""
     if not callable(fn):
         raise ConfigurationError(
@@ -82,7 +98,7 @@ def serialize_train_function(fn: Callable) -> bytes:
     except Exception as error:
         culprits = ", ".join(_unpicklable_captures(fn)) or "an object that can't be pickled"
         raise ConfigurationError(
-            f"the training function {getattr(fn, '__qualname__', fn)!r} can't be pickled to "
+            f"{what} {getattr(fn, '__qualname__', fn)!r} can't be pickled to "
             f"send it to the Ray workers: it captures {culprits}. Create such objects inside "
             f"the function, or pass plain values through config=... ({error})") from error
 

@@ -144,6 +144,7 @@ def poll_workers(group: Any, generators: list, iterations: Iterations, commits: 
         if callbacks.error is not None:
             raise callbacks.error
         checkpoints.check_lease(look=False)
+        commits.poll_validations()
         if not errors and gather_deadline is None:
             watch.check(sorted(pending.values()))
         if not timed_out and watch.deadline_passed():

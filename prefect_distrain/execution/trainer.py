@@ -36,6 +36,7 @@ from .backend_setup import BackendSetup
 from .cluster import (
     capacity_now,
     check_cluster_can_hold,
+    check_cluster_can_validate,
     check_cpus_left_for_data,
     ray_connection,
 )
@@ -47,6 +48,7 @@ from .pickling import serialize_train_function, takes_config
 from .placement import start_group
 from .preflight import storage_preflight
 from .signals import sigterm_ends_gracefully
+from .validations import Validations
 from .worker_errors import driver_failure
 from .worker_group import WorkerGroup
 
@@ -245,6 +247,9 @@ class Trainer:
         self.forensics = []
         manager = CheckpointManager(storage, self.checkpoint_config, self.logger)
         self.checkpoints = manager
+        validation = self.checkpoint_config.validate
+        validations = Validations(validation, manager, config, self.scaling.local, self.logger) \
+            if validation is not None else None
         # SIGTERM (after the lease is given back): see signals.py.
         with sigterm_ends_gracefully(self.logger) as shutdown_requested:
             try:
@@ -255,6 +260,10 @@ class Trainer:
                     self.start()
                     assert self._group is not None
                     check_workers_see(self._group)
+                    if validation is not None and not self.scaling.local:
+                        check_cluster_can_validate(validation.task_resources,
+                                                   self.scaling.worker_resources,
+                                                   len(self._group))
                 failure = self.failure_config
                 spec = RunSpec(
                     train_func_blob=blob, takes_config=takes_config(train_func), config=config,
@@ -265,12 +274,14 @@ class Trainer:
                     hang_timeout_s=failure.hang_timeout_s, timeout_s=self.run_config.timeout_s,
                     deadline=began + self.run_config.timeout_s if self.run_config.timeout_s
                     else None, preemption_grace_s=failure.preemption_grace_s,
-                    shutdown_requested=shutdown_requested)
+                    shutdown_requested=shutdown_requested, validations=validations)
                 return self._attempts(spec, resume_from_checkpoint,
                                       resolve_datasets(datasets, storage.run_url,
                                                        storage.storage_options),
                                       data_config or DataConfig(), began)
             finally:
+                if validations is not None:  # a failed run: the next writer validates again
+                    validations.cancel()
                 manager.close()
 
     def _attempts(self, spec: RunSpec, resume_from_checkpoint: Any,
@@ -370,7 +381,8 @@ class Trainer:
             run_name=spec.storage.run_name, path=redact_url(spec.storage.run_url),
             backend=self.backend.name, world_size=record["world_size"], attempt=attempt,
             failures=restarts, preemptions=preemptions, stopped_early=outcome.stopped,
-            wall_time_s=time.monotonic() - began)
+            wall_time_s=time.monotonic() - began,
+            checkpoints=[c.without_credentials() for c in manager.checkpoints()])
 
     def _resize_check(self, size: int) -> Callable[[], bool] | None:
         if size >= self.scaling.num_workers:

@@ -106,13 +106,20 @@ class PrefectArtifacts(TrainingCallback):
                 markdown=f"Checkpoint {checkpoint.index}: `{checkpoint_link(checkpoint.path)}`",
                 key=f"{self.key}-checkpoint", description=description)
 
+    def on_checkpoint_validated(self, checkpoint: Checkpoint, **info: Any) -> None:
+        emit_run_event("checkpoint.validated", self.run_name, {
+            "index": checkpoint.index, "status": checkpoint.status,
+            "metrics": _shown_metrics(checkpoint.metrics), "error": info.get("error")},
+            checkpoint)
+
 
 def publish_checkpoint_table(result: TrainResult) -> None:
     """A table of the run's kept checkpoints with their metrics, best first."""
     if not result.best_checkpoints:
         return
-    rows = [{"index": c.index, "attempt": c.manifest.attempt, "path": checkpoint_link(c.path),
-             **_shown_metrics(metrics)} for c, metrics in result.best_checkpoints]
+    rows = [{"index": c.index, "attempt": c.manifest.attempt, "status": c.status,
+             "path": checkpoint_link(c.path), **_shown_metrics(metrics)}
+            for c, metrics in result.best_checkpoints]
     create_table_artifact(
         table=rows, key=f"{artifact_key(result.run_name)}-checkpoints",
         description=f"Committed checkpoints of run {result.run_name!r}, best first")
@@ -244,16 +251,16 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
         except Exception as failure:  # noqa: BLE001 - the summary goes on without the file
             lines += [f"(metrics.svg could not be written: {type(failure).__name__})", ""]
     checkpoints = result.best_checkpoints if result else [
-        (storage.checkpoint(m), m.metrics) for m in storage.read_manifests()[0]]
+        (c, c.metrics) for c in storage.checkpoints()]
     if checkpoints:
         lines += ["## Committed checkpoints" + (", best first" if result else ""), "",
-                  "| checkpoint | metrics |", "|---|---|"]
+                  "| checkpoint | status | metrics |", "|---|---|---|"]
         for checkpoint, metrics in checkpoints:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in _shown_metrics(metrics).items())
             where = location_markdown(checkpoint.path, str(checkpoint.index),
                                       storage.storage_options)
-            lines.append(f"| {where} | {shown} |")
+            lines.append(f"| {where} | {checkpoint.status} | {shown} |")
         lines.append("")
     if error is not None:
         lines += ["## Failure", "", f"`{type(error).__name__}: {error}`"[:2000], ""]

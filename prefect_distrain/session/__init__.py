@@ -49,7 +49,8 @@ def _session(caller: str) -> Session:
     return _current
 
 
-def report(metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None) -> None:
+def report(metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None, *,
+           validate: bool | None = None) -> None:
     """Send metrics (and optionally a checkpoint) from this worker to the driver.
 
     Without a checkpoint: returns at once (or, while an exact-stop callback is attached, once
@@ -58,8 +59,11 @@ def report(metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None) -> 
     Once a callback has stopped the run, it sends this report and then raises
     ``StopTraining``, which ends the training function cleanly. Every rank must call it the
     same number of times.
+
+    ``validate``: with ``CheckpointConfig(validate=pd.Validation(fn))``, whether this
+    checkpoint is validated once committed (default: as ``Validation(every=...)`` says).
     """
-    _session("report").report(metrics, checkpoint)
+    _session("report").report(metrics, checkpoint, validate)
 
 
 def get_checkpoint() -> Checkpoint | None:

@@ -37,7 +37,7 @@ from ray import cloudpickle
 
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.storage import RunStorage
-from ..exceptions import StopTraining
+from ..exceptions import ConfigurationError, StopTraining
 from .auto import AUTO_PASS_KEY, AutoCheckpoints
 from .context import TrainContext, any_rank
 from .uploader import Uploader
@@ -49,8 +49,11 @@ class Session:
     def __init__(self, context: TrainContext, storage: RunStorage, resume_from: Checkpoint | None,
                  iteration: int = 0, upload: str = "sync", datasets: dict[str, Any] | None = None,
                  checkpoint_mode: str = "manual", await_verdicts: bool = False,
-                 progress_every_s: float | None = None, preemption_grace_s: float = 25.0):
+                 progress_every_s: float | None = None, preemption_grace_s: float = 25.0,
+                 validates: bool = False):
         self.context = context
+        #: Whether the run has a validation function (``report(..., validate=True)`` needs one).
+        self.validates = validates
         self.storage = storage
         #: The checkpoint to resume from (``get_checkpoint()``), fixed while the function runs.
         self.resume_from = resume_from
@@ -126,7 +129,8 @@ class Session:
 
     # -- the training function's side ------------------------------------------------------
 
-    def report(self, metrics: Mapping[str, Any], checkpoint: Checkpoint | None) -> None:
+    def report(self, metrics: Mapping[str, Any], checkpoint: Checkpoint | None,
+               validate: bool | None = None) -> None:
         if not isinstance(metrics, Mapping):
             raise TypeError(
                 f"report() takes a dict of metrics, got {type(metrics).__name__}: "
@@ -135,6 +139,12 @@ class Session:
             raise TypeError(
                 "report(checkpoint=...) takes a prefect_distrain.Checkpoint, got "
                 f"{type(checkpoint).__name__}: use Checkpoint.from_directory(path)")
+        if validate is not None and not isinstance(validate, bool):
+            raise TypeError(f"report(validate=...) takes True, False or None, got {validate!r}")
+        if validate and not self.validates:
+            raise ConfigurationError(
+                "report(..., validate=True) but the run has no validation function: give it "
+                "one with CheckpointConfig(validate=pd.Validation(fn))")
         bad_keys = [k for k in metrics if not isinstance(k, str)]
         if bad_keys:
             raise TypeError(f"report() metric names must be strings, got {bad_keys!r}")
@@ -151,13 +161,14 @@ class Session:
         result["_training_iteration"] = self.iteration
         self.last_report_time = now
         self.uploader.raise_failed()
-        self._send(result, checkpoint)
+        self._send(result, checkpoint, validate)
         if self.await_verdicts and AUTO_PASS_KEY not in result:  # automatic: nobody judges it
             self._wait_for_driver(lambda: self._judged >= self.iteration)
         if self.stop_at is not None and self.iteration >= self.stop_at:
             raise StopTraining(self.stop_reason)
 
-    def _send(self, result: dict[str, Any], checkpoint: Checkpoint | None) -> None:
+    def _send(self, result: dict[str, Any], checkpoint: Checkpoint | None,
+              validate: bool | None = None) -> None:
         awaits = self.await_verdicts and AUTO_PASS_KEY not in result
         if checkpoint is None:
             self.outbox.put(("report", {"metrics": result, "upload": None,
@@ -169,7 +180,7 @@ class Session:
             staged = self.uploader.stage(index, checkpoint)
         self.outbox.put(("report", {"metrics": result, "awaits_verdict": awaits,
                                     "upload": {"index": index, "names": staged.names,
-                                               "sync": sync,
+                                               "sync": sync, "validate": validate,
                                                "retries": self.uploader.take_retries()}}))
         with self.busy_with(f"uploading checkpoint {index}"):
             self.uploader.upload(staged)

@@ -1,0 +1,214 @@
+"""Validations off the training path: each committed checkpoint's ``pd.Validation`` runs as a
+Ray task on resources of its own (a thread in local mode) while training goes on.
+
+The driver submits a checkpoint right after its commit and looks at the running validations on
+every turn of its poll loop (``poll``), so nothing here blocks a worker. At most
+``max_in_flight`` run at once; the others wait in order. What a validation returns, its error
+or its timeout goes into the checkpoint's validation record through the checkpoint manager
+(the only writer of records); a validation never fails the training. The run waits for them
+at its end (``finish``); a failed attempt leaves them running for the next, and a failed run
+cancels them (``cancel``): their records still say "validating", and the next writer of the
+run validates those checkpoints again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import time
+from collections import deque
+from typing import Any, Callable, Mapping
+
+from ray import cloudpickle
+
+from ..checkpoints.checkpoint import Checkpoint
+from ..checkpoints.manager import CheckpointManager
+from ..checkpoints.manifest import Manifest
+from ..checkpoints.validation import FAILED, VALIDATED, VALIDATING, ValidationRecord
+from ..config import Validation
+from .dispatch import Callbacks
+from .pickling import serialize_train_function, takes_config
+
+#: How long ``finish`` sleeps between looks at the running validations.
+_POLL_S = 0.2
+_ERROR_LIMIT = 2000
+
+
+def run_validation(fn: Callable | bytes, checkpoint: Checkpoint, config: Any
+                   ) -> dict[str, Any]:
+    """Call the validation function (in its Ray task, pickled, or in a thread); its metrics,
+    checked."""
+    if isinstance(fn, bytes):
+        fn = cloudpickle.loads(fn)
+    metrics = fn(checkpoint, config) if takes_config(fn) else fn(checkpoint)
+    if not isinstance(metrics, Mapping) or not all(isinstance(k, str) for k in metrics):
+        raise TypeError(
+            f"the validation function returned {type(metrics).__name__}, not a dict of metric "
+            "name -> value: return e.g. {'val_accuracy': 0.93}")
+    shown = {}
+    for name, value in metrics.items():
+        if hasattr(value, "item") and callable(value.item):  # a tensor or numpy scalar
+            value = value.item()
+        if not (value is None or isinstance(value, (bool, int, str))
+                or (isinstance(value, float))):
+            raise TypeError(
+                f"the validation function returned {name!r}={type(value).__name__}: metrics are "
+                "numbers, strings, booleans or None")
+        shown[name] = value if not isinstance(value, float) or math.isfinite(value) \
+            else str(value)  # NaN and inf kept as text: JSON has no such numbers
+    return shown
+
+
+class _Running:
+    def __init__(self, manifest: Manifest, future: concurrent.futures.Future,
+                 ref: Any = None):
+        self.manifest, self.future, self.ref = manifest, future, ref
+        self.started = time.monotonic()
+
+
+class Validations:
+    """The validations of one run, across its attempts (see the module's docstring)."""
+
+    def __init__(self, validation: Validation, manager: CheckpointManager, run_config: Any,
+                 local: bool, logger: logging.Logger | logging.LoggerAdapter):
+        self.validation = validation
+        self.manager = manager
+        self.config = validation.config if validation.config is not None else run_config
+        self.local = local
+        self.logger = logger
+        self.attempt = 0
+        self.callbacks: Callbacks | None = None
+        self.queued: deque[Manifest] = deque()
+        self.running: dict[str, _Running] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._remote: Any = None  # the Ray task, and the function put once
+        self._fn_ref: Any = None
+        #: Pickled now (the user's modules by value): a function that can't be is refused
+        #: before anything starts.
+        self._fn_blob = None if local else serialize_train_function(
+            validation.fn, "the validation function")
+
+    def attach(self, callbacks: Callbacks | None, attempt: int) -> None:
+        """The attempt whose callbacks hear of the validations that end from now on."""
+        self.callbacks, self.attempt = callbacks, attempt
+
+    def wanted(self, requested: bool | None) -> bool:
+        """Whether a checkpoint reported with ``report(..., validate=requested)`` is
+        validated."""
+        return self.validation.every if requested is None else requested
+
+    def submit(self, manifest: Manifest) -> None:
+        """Validate a committed checkpoint: recorded as validating now, started when a slot is
+        free."""
+        self.manager.record_validation(manifest, ValidationRecord.now(VALIDATING,
+                                                                      attempt=self.attempt))
+        self.queued.append(manifest)
+        self.poll()
+
+    def resume(self) -> None:
+        """Validate again what an earlier writer of the run left validating."""
+        for manifest in self.manager.unfinished_validations():
+            self.logger.info("Checkpoint %d was left validating by an earlier attempt: "
+                             "validating it again", manifest.index)
+            self.submit(manifest)
+
+    def poll(self) -> None:
+        """Record the validations that ended or ran out of time; start queued ones."""
+        now = time.monotonic()
+        for folder, running in list(self.running.items()):
+            if running.future.done():
+                del self.running[folder]
+                self._ended(running)
+            elif now - running.started > self.validation.timeout_s:
+                del self.running[folder]
+                self._cancel(running)
+                self._record(running.manifest, ValidationRecord.now(
+                    FAILED, error=f"timed out after {self.validation.timeout_s:g} s "
+                                  "(Validation(timeout_s=...)); it was cancelled",
+                    attempt=self.attempt))
+        while self.queued and len(self.running) < self.validation.max_in_flight:
+            manifest = self.queued.popleft()
+            self.running[manifest.directory] = self._start(manifest)
+
+    @property
+    def pending(self) -> int:
+        return len(self.queued) + len(self.running)
+
+    def finish(self) -> None:
+        """Wait until every validation has ended (each within its ``timeout_s``)."""
+        if self.pending:
+            self.logger.info("Training is done; waiting for %d validation(s)", self.pending)
+        while self.pending:
+            self.poll()
+            if self.pending:
+                time.sleep(_POLL_S)
+
+    def cancel(self) -> None:
+        """Stop every running validation and drop the queued ones (their records say
+        validating: the run's next writer validates them again)."""
+        for running in self.running.values():
+            self._cancel(running)
+        self.running.clear()
+        self.queued.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # -- one validation ----------------------------------------------------------------------
+
+    def _start(self, manifest: Manifest) -> _Running:
+        checkpoint = self.manager.checkpoint(manifest)
+        if self.local:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    self.validation.max_in_flight, thread_name_prefix="validation")
+            return _Running(manifest, self._executor.submit(
+                run_validation, self.validation.fn, checkpoint, self.config))
+        import ray
+
+        if self._remote is None:
+            resources = dict(self.validation.task_resources)
+            self._remote = ray.remote(run_validation).options(
+                num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0),
+                resources=resources or None, max_retries=0, name="validation")
+            self._fn_ref = ray.put(self._fn_blob)
+        ref = self._remote.remote(self._fn_ref, checkpoint, self.config)
+        return _Running(manifest, ref.future(), ref)
+
+    def _cancel(self, running: _Running) -> None:
+        running.future.cancel()
+        if running.ref is not None:
+            import ray
+
+            try:
+                ray.cancel(running.ref, force=True)
+            except Exception as error:  # noqa: BLE001 - it may have just ended
+                self.logger.debug("Cancelling a validation: %s", error)
+
+    def _ended(self, running: _Running) -> None:
+        try:
+            metrics = running.future.result()
+        except BaseException as error:  # noqa: BLE001 - recorded, never fails the training
+            cause = getattr(error, "cause", None) or error
+            message = f"{type(cause).__name__}: {cause}".strip()
+            record = ValidationRecord.now(FAILED, error=message[-_ERROR_LIMIT:],
+                                          attempt=self.attempt)
+        else:
+            record = ValidationRecord.now(VALIDATED, metrics, attempt=self.attempt)
+        self._record(running.manifest, record)
+
+    def _record(self, manifest: Manifest, record: ValidationRecord) -> None:
+        checkpoint = self.manager.record_validation(manifest, record)
+        if record.status == VALIDATED:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in record.metrics.items())
+            self.logger.info("Validated checkpoint %d: %s", manifest.index, shown or "no metrics")
+        else:
+            self.logger.warning("The validation of checkpoint %d failed (training goes on): %s",
+                                manifest.index, record.error)
+        if self.callbacks is not None:
+            self.callbacks.call("on_checkpoint_validated", checkpoint.without_credentials(),
+                                index=manifest.index, status=record.status,
+                                error=record.error)
+
