@@ -35,6 +35,7 @@ from .exceptions import (
     CheckpointCorruptError,
     CheckpointUploadError,
     ConfigurationError,
+    DataChangedError,
     DistrainError,
     PreemptionError,
     RemoteTraceback,
@@ -101,7 +102,8 @@ _LAZY = {
 __all__ = [
     "ASHAScheduler", "AliasConflictError", "AliasCorruptError", "AliasEntry", "AliasNotFoundError",
     "Backend", "BackendConfig", "Checkpoint", "CheckpointConfig", "CheckpointCorruptError",
-    "CheckpointUploadError", "CollectiveTimeoutError", "ConfigurationError", "DataConfig",
+    "CheckpointUploadError", "CollectiveTimeoutError", "ConfigurationError", "DataChangedError",
+    "DataConfig",
     "DataParallelTrainer", "DistrainError", "EarlyStopping", "FailureConfig", "HorovodConfig",
     "HorovodTrainer", "LeaseLostError", "MedianStoppingRule", "PreemptionError",
     "PrintingCallback", "RemoteTraceback", "ResourcesUnavailableError", "RunConfig",

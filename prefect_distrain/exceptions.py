@@ -19,6 +19,18 @@ class ConfigurationError(DistrainError, ValueError):
     """A bad argument to ``train`` / ``Trainer``; the message names the fix."""
 
 
+class DataChangedError(ConfigurationError):
+    """A resume or warm start onto data other than its checkpoint was trained on, with
+    ``DataConfig(on_data_change="fail")``; ``changes`` says what differs."""
+
+    def __init__(self, message: str, changes: list[str] | None = None):
+        super().__init__(message)
+        self.changes = list(changes or [])
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.changes))
+
+
 class ResourcesUnavailableError(DistrainError):
     """The cluster cannot hold the worker group that was asked for."""
 

@@ -74,3 +74,5 @@ class RunReport:
     tails: dict[int, list[str]] = field(default_factory=dict)
     #: Every rank's stacks, once per attempt that hung.
     forensics: list[str] = field(default_factory=list)
+    #: How the datasets differ from those the resumed checkpoint was trained on.
+    data_changes: list[str] = field(default_factory=list)

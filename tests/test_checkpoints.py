@@ -165,6 +165,26 @@ def test_retention_never_lets_an_odd_score_push_out_a_real_one(values, keep, ord
     assert ordered[len(real):] == sorted(set(ordered) - {m.index for m in real}, reverse=True)
 
 
+@settings(max_examples=200, deadline=None)
+@given(reported=st.lists(scores, min_size=1, max_size=10),
+       validated=st.lists(st.one_of(st.none(), scores), min_size=10, max_size=10),
+       keep=st.integers(1, 4), order=st.sampled_from(["min", "max"]))
+def test_retention_scores_by_the_validated_value_where_there_is_one(reported, validated, keep,
+                                                                     order):
+    """A validation's metric replaces the reported one of the same name (as in Ray Train):
+    retention over (reported, validation records) is retention over the merged metrics."""
+    from prefect_distrain.checkpoints.validation import ValidationRecord
+
+    manifests = manifests_scored(reported)
+    records = {m.directory: ValidationRecord("validated", {"val": v})
+               for m, v in zip(manifests, validated) if v is not None}
+    merged = [Manifest(index=m.index, attempt=0, files={}, metrics={
+        **m.metrics, **(records[m.directory].metrics if m.directory in records else {})})
+        for m in manifests]
+    assert [m.index for m in retained(manifests, keep, "val", order, validations=records)] == \
+        [m.index for m in retained(merged, keep, "val", order)]
+
+
 # -- through Ray and Prefect -------------------------------------------------------------------
 
 

@@ -137,3 +137,68 @@ def test_without_ray_data_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray.data", None)  # as if ray[data] were not installed
     with pytest.raises(ImportError, match=r"pip install 'prefect-distrain\[data\]'"):
         import_ray_data()
+
+
+def rows_loop(config):
+    """Counts its shard's rows and commits a checkpoint of the count."""
+    import json
+    import tempfile
+
+    rows = sum(len(batch["x"]) for batch in pd.get_dataset_shard("train").iter_batches())
+    with tempfile.TemporaryDirectory() as folder:
+        json.dump({"rows": rows}, open(os.path.join(folder, "rows.json"), "w"))
+        pd.report({"rows": rows}, checkpoint=pd.Checkpoint.from_directory(folder))
+
+
+def test_a_warm_start_onto_changed_data_warns_or_fails_as_configured(tmp_path, prefect_server):
+    """A run's checkpoint remembers the files it was trained on; a warm start after one file
+    was rewritten and one added says which, in the log and the summary, or fails at once."""
+    import pandas
+    from prefect import flow
+
+    data = tmp_path / "features"
+    data.mkdir()
+    for part in (0, 1):
+        pandas.DataFrame({"x": range(10)}).to_parquet(data / f"part-{part}.parquet")
+    storage = str(tmp_path / "runs")
+    with pd.Trainer(num_workers=1, run=pd.RunConfig(name="base", storage=storage)) as trainer:
+        base = trainer.fit(rows_loop, datasets={"train": str(data)})
+    assert base.metrics["rows"] == 20
+
+    # The same data: nothing to say.
+    with pd.Trainer(num_workers=1, run=pd.RunConfig(name="same", storage=storage)) as trainer:
+        trainer.fit(rows_loop, datasets={"train": str(data)},
+                    resume_from_checkpoint=base.checkpoint,
+                    data_config=pd.DataConfig(on_data_change="fail"))
+        assert trainer.data_changes == []
+
+    pandas.DataFrame({"x": range(15)}).to_parquet(data / "part-1.parquet")
+    pandas.DataFrame({"x": range(5)}).to_parquet(data / "part-2.parquet")
+    with pd.Trainer(num_workers=1,
+                    run=pd.RunConfig(name="strict", storage=storage)) as trainer:
+        with pytest.raises(pd.DataChangedError) as refused:
+            trainer.fit(rows_loop, datasets={"train": str(data)},
+                        resume_from_checkpoint=base.checkpoint,
+                        data_config=pd.DataConfig(on_data_change="fail"))
+    message = str(refused.value)
+    assert f"resuming from checkpoint 1 ({storage}/base/checkpoint_000001-a0) onto data other " \
+           "than it was trained on: dataset 'train': part-2.parquet added, part-1.parquet " \
+           "rewritten (size " in message
+    assert "DataConfig(on_data_change='warn')" in message
+    assert not os.path.exists(os.path.join(storage, "strict", "checkpoint_000001-a0"))
+
+    @flow
+    def warm_start():
+        return pd.train(rows_loop, datasets={"train": str(data)},
+                        scaling=pd.ScalingConfig(num_workers=1),
+                        run=pd.RunConfig(name="lenient", storage=storage),
+                        resume_from_checkpoint=base.checkpoint)
+
+    state = warm_start(return_state=True)
+    assert state.result().metrics["rows"] == 30, "trained on the new data"
+    logs, artifacts, _ = flow_run_records(state.state_details.flow_run_id)
+    assert any("onto data other than it was trained on: dataset 'train': part-2.parquet added"
+               in line for line in logs)
+    summary = [a for a in artifacts if a.key == "lenient-summary"][0].data
+    assert "## Trained on other data than its checkpoint" in summary
+    assert "part-2.parquet added, part-1.parquet rewritten" in summary

@@ -41,8 +41,10 @@ class AttemptLedger:
         return read_attempts(self.storage)
 
     def begin(self, *, world_size: int, resumed_from: Checkpoint | None,
-              restart_cause: str | None, at_least: int = 0) -> dict[str, Any]:
-        """Claim the next attempt number (at least ``at_least``) and write its first record."""
+              restart_cause: str | None, at_least: int = 0,
+              data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Claim the next attempt number (at least ``at_least``) and write its first record;
+        ``data``: the fingerprints of the datasets it trains on (data_fingerprint.py)."""
         resumed_index = resumed_from.index if resumed_from is not None and resumed_from.index \
             else 0
         records = self.records()
@@ -50,6 +52,8 @@ class AttemptLedger:
                   "resumed_from": redact_url(resumed_from.path) if resumed_from else None,
                   **_why(records, resumed_index, restart_cause), "status": "running",
                   "lease": self.lease}
+        if data:
+            record["data"] = data
         used = [r["attempt"] for r in records]
         used += [attempt for _, _, attempt in self.storage.checkpoint_folders()]
         attempt = max([at_least - 1, *used], default=-1) + 1
@@ -95,6 +99,19 @@ def read_attempts(storage: RunStorage) -> list[dict[str, Any]]:
             if record is not None and isinstance(record.get("attempt"), int):
                 records.append(record)
     return sorted(records, key=lambda a: a["attempt"])
+
+
+def attempt_record(checkpoint: Checkpoint) -> dict[str, Any] | None:
+    """The ledger record of the attempt that committed a checkpoint (of any run), or None
+    (a folder no run committed, or a record that is gone)."""
+    if checkpoint.manifest is None:
+        return None
+    run_url, _, _ = checkpoint.path.rstrip("/").rpartition("/")
+    storage_url, _, run_name = run_url.rpartition("/")
+    if not storage_url or not run_name:
+        return None
+    storage = RunStorage(storage_url, run_name, checkpoint.storage_options)
+    return storage.read_json(ATTEMPTS, _name(checkpoint.manifest.attempt))
 
 
 def now_iso() -> str:

@@ -23,13 +23,14 @@ from ..callbacks import RichProgress, TrainingCallback, callback_list
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.fs import redact_url
 from ..checkpoints.lease import holder_identity
-from ..checkpoints.ledger import AttemptLedger
+from ..checkpoints.ledger import AttemptLedger, attempt_record
 from ..checkpoints.manager import CheckpointManager
 from ..checkpoints.retry import RetryPolicy
-from ..checkpoints.storage import RunStorage
+from ..checkpoints.storage import RunStorage, driver_io
 from ..config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, run_name_part
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, DataChangedError
 from ..integrations.data import DataConfig, needs_tasks, resolve_datasets, split_datasets
+from ..integrations.data_fingerprint import changes, fingerprints
 from ..logs import WorkerLogs
 from ..result import RunReport, TrainResult
 from .backend_setup import BackendSetup
@@ -120,6 +121,7 @@ class Trainer:
         #: the forensics of its hangs (every rank's stack).
         self.history = RunHistory()
         self.forensics: list[str] = []
+        self.data_changes: list[str] = []
         self._cluster_checked = False
         self.ray_address = ray_address
         self.ray_init_kwargs = ray_init_kwargs
@@ -245,6 +247,7 @@ class Trainer:
         self.storage = storage
         self.history = RunHistory()
         self.forensics = []
+        self.data_changes = []
         manager = CheckpointManager(storage, self.checkpoint_config, self.logger)
         self.checkpoints = manager
         validation = self.checkpoint_config.validate
@@ -275,10 +278,11 @@ class Trainer:
                     deadline=began + self.run_config.timeout_s if self.run_config.timeout_s
                     else None, preemption_grace_s=failure.preemption_grace_s,
                     shutdown_requested=shutdown_requested, validations=validations)
+                data = fingerprints(datasets, storage.run_url, storage.storage_options)
                 return self._attempts(spec, resume_from_checkpoint,
                                       resolve_datasets(datasets, storage.run_url,
                                                        storage.storage_options),
-                                      data_config or DataConfig(), began)
+                                      data_config or DataConfig(), began, data)
             finally:
                 if validations is not None:  # a failed run: the next writer validates again
                     validations.cancel()
@@ -286,7 +290,7 @@ class Trainer:
 
     def _attempts(self, spec: RunSpec, resume_from_checkpoint: Any,
                   datasets: dict[str, Any] | None, data_config: DataConfig,
-                  began: float) -> TrainResult:
+                  began: float, data: dict[str, dict]) -> TrainResult:
         """Start the group and run the function until it completes, restarting it as the
         failure policy decides (and to grow an elastic group back)."""
         manager, history = spec.checkpoints, spec.history
@@ -299,6 +303,8 @@ class Trainer:
         while True:
             resume = manager.resume_point(resume_from_checkpoint) if restart_cause is None \
                 else manager.latest() or resume
+            if attempt == -1:  # the first start: is this the data the checkpoint was made on?
+                self._check_data(resume, data, data_config.on_data_change)
             self.start(expect_full=grow)
             group = self._group
             assert group is not None
@@ -306,7 +312,7 @@ class Trainer:
                 check_cpus_left_for_data(self.scaling, len(group))
             history.forget_after(resume.index if resume is not None and resume.index else 0)
             record = ledger.begin(world_size=len(group), resumed_from=resume,
-                                  restart_cause=restart_cause, at_least=attempt + 1)
+                                  restart_cause=restart_cause, at_least=attempt + 1, data=data)
             attempt = record["attempt"]
             retries_before = manager.retries.snapshot()
             spec.attempt, spec.resume_from = attempt, resume
@@ -384,6 +390,31 @@ class Trainer:
             wall_time_s=time.monotonic() - began,
             checkpoints=[c.without_credentials() for c in manager.checkpoints()])
 
+    def _check_data(self, resume: Checkpoint | None, data: dict[str, dict],
+                    on_change: str) -> None:
+        """Compare the datasets given now with those the checkpoint's attempt recorded
+        (data_fingerprint.py); ``DataConfig(on_data_change=...)`` says what a difference does."""
+        if resume is None or on_change == "ignore":
+            return
+        with driver_io("reading the checkpoint's attempt record", self.storage):
+            record = attempt_record(resume)
+        if record is None or "data" not in record:
+            return  # trained before fingerprints were kept, or on no datasets= at all
+        lines = changes(record["data"], data)
+        if not lines:
+            return
+        where = f"checkpoint {resume.index} ({redact_url(resume.path)})"
+        if on_change == "fail":
+            raise DataChangedError(
+                f"resuming from {where} onto data other than it was trained on: "
+                f"{'; '.join(lines)}. Give it the data it was trained on, start without it, "
+                "or pass DataConfig(on_data_change='warn') to train on the new data anyway",
+                changes=lines)
+        self.logger.warning("Resuming from %s onto data other than it was trained on: %s "
+                            "(DataConfig(on_data_change='fail') makes this an error)", where,
+                            "; ".join(lines))
+        self.data_changes = [f"since {where}: {line}" for line in lines]
+
     def _resize_check(self, size: int) -> Callable[[], bool] | None:
         if size >= self.scaling.num_workers:
             return None
@@ -417,7 +448,7 @@ class Trainer:
         return RunReport(storage=self.storage, backend=self.backend.name,
                          history=self.history.rank0, wall_time_s=wall_time_s, result=result,
                          error=error, tails={r: list(t) for r, t in self.worker_logs.tails.items()},
-                         forensics=list(self.forensics))
+                         forensics=list(self.forensics), data_changes=list(self.data_changes))
 
 
 def _since(manager: CheckpointManager, before: dict[str, int]) -> dict[str, int]:

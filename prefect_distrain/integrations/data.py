@@ -49,10 +49,16 @@ class DataConfig:
     each worker whole (e.g. a small validation set every rank evaluates). ``equal=True`` gives
     every worker exactly the same number of rows (dropping at most ``world_size - 1`` rows), as
     DDP needs: a rank with one batch more would wait forever in its extra allreduce.
+
+    ``on_data_change``: what a resume or warm start does when the datasets differ from those
+    its checkpoint was trained on (a file added, removed or rewritten; see
+    data_fingerprint.py): "warn" (default: logged and listed in the run's summary), "fail"
+    (``DataChangedError`` before anything trains) or "ignore".
     """
 
     datasets_to_split: str | tuple[str, ...] = "all"
     equal: bool = True
+    on_data_change: str = "warn"
 
     def __post_init__(self) -> None:
         split = self.datasets_to_split
@@ -62,6 +68,9 @@ class DataConfig:
                 f"datasets_to_split {split!r}: use 'all' or a list of dataset names")
         if isinstance(split, list):
             object.__setattr__(self, "datasets_to_split", tuple(split))
+        if self.on_data_change not in ("warn", "fail", "ignore"):
+            raise ConfigurationError(
+                f"on_data_change {self.on_data_change!r}: use 'warn', 'fail' or 'ignore'")
 
 
 def read_dataset(url: str, storage_options: Mapping[str, Any] | None = None,

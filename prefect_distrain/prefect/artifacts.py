@@ -222,7 +222,8 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
                         wall_time_s: float, result: TrainResult | None = None,
                         error: BaseException | None = None,
                         tails: dict[int, Any] | None = None,
-                        forensics: list[str] | None = None) -> str:
+                        forensics: list[str] | None = None,
+                        data_changes: list[str] | None = None) -> str:
     """The markdown summary of a finished run, successful or not; returns the markdown."""
     attempts = read_attempts(storage)
     status = "completed" if error is None else "failed"
@@ -230,6 +231,9 @@ def publish_run_summary(*, storage: RunStorage, backend: str, history: list[dict
     lines = [f"# Training run `{storage.run_name}`: {status}", "",
              "| backend | world size | attempts | wall time |", "|---|---|---|---|",
              f"| {backend} | {world} | {len(attempts)} | {wall_time_s:.1f} s |", ""]
+    if data_changes:
+        lines += ["## Trained on other data than its checkpoint", "",
+                  *[f"- {line}" for line in data_changes], ""]
     series = numeric_series(history)
     if history:
         lines += ["## Metrics", "", "| metric | final | best (min / max) | over the run |",
@@ -285,7 +289,7 @@ def publish_run(report: RunReport, logger: Any) -> None:
         publish_run_summary(storage=report.storage, backend=report.backend,
                             history=report.history, wall_time_s=report.wall_time_s,
                             result=report.result, error=report.error, tails=report.tails,
-                            forensics=report.forensics)
+                            forensics=report.forensics, data_changes=report.data_changes)
         final = _shown_metrics(report.history[-1] if report.history else {})
         if report.error is None:
             result = report.result
