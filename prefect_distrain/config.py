@@ -246,8 +246,11 @@ class Validation:
 
     A checkpoint's status goes committed -> validating -> validated, or validation failed (``fn``
     raised, returned something other than a dict, or ran past ``timeout_s``): recorded, never a
-    failure of the training. The run ends once every validation has ended. Retention and the
-    best checkpoints may score by a validated metric; a checkpoint being validated is kept.
+    failure of the training. The run ends once every validation has ended (at its deadline or a
+    SIGTERM the rest are cancelled and validated again by the run's next writer). Retention and
+    the best checkpoints may score by a validated metric; a checkpoint being validated is kept.
+    ``report(..., validate=True)`` on a report without a checkpoint (another rank's) does
+    nothing.
     """
 
     fn: Any

@@ -15,6 +15,7 @@ from conftest import flow_run_records
 from prefect import flow
 
 import prefect_distrain as pd
+from prefect_distrain.checkpoints.manager import committed_checkpoints
 from prefect_distrain.checkpoints.storage import MANIFESTS, VALIDATIONS
 
 #: What each epoch's checkpoint scores when validated.
@@ -217,3 +218,29 @@ def test_statuses_reach_prefect_as_events_and_the_checkpoint_table(tmp_path):
     [event] = events
     assert event.payload["index"] == 1 and event.payload["status"] == "validation failed"
     assert event.payload["error"] == "RuntimeError: no labels for epoch 0"
+
+
+def epoch_of(checkpoint):
+    """A validation that takes the checkpoint only."""
+    with checkpoint.as_directory() as folder:
+        return {"val_epoch": json.load(open(os.path.join(folder, "state.json")))["epoch"]}
+
+
+def test_a_one_argument_validation_and_records_that_are_not_its_own(tmp_path):
+    """fn(checkpoint) works as fn(checkpoint, config) does; a record that is not one, or was
+    made for another commit of the same folder, is never read as the checkpoint's."""
+    run = pd.RunConfig(name="own", storage=str(tmp_path))
+    with pd.Trainer(num_workers=0, run=run, checkpoint=pd.CheckpointConfig(
+            validate=pd.Validation(epoch_of))) as trainer:
+        result = trainer.fit(saving_loop, config={"epochs": 2})
+    assert [(c.status, c.metrics["val_epoch"]) for c in result.checkpoints] == [
+        ("validated", 0), ("validated", 1)]
+    folder = tmp_path / "own" / VALIDATIONS
+    first, second = (folder / "checkpoint_000001-a0.json", folder / "checkpoint_000002-a0.json")
+    stale = json.loads(first.read_text())
+    first.write_text(json.dumps({**stale, "committed_at": "2020-01-01T00:00:00+00:00"}))
+    second.write_text(json.dumps({**json.loads(second.read_text()),
+                                  "metrics": {"_auto_checkpoint_pass": 99}}))
+    read = committed_checkpoints(run)
+    assert [(c.index, c.status, c.metrics.get("_auto_checkpoint_pass")) for c in read] == [
+        (1, "committed", None), (2, "committed", None)]

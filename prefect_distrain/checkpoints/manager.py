@@ -36,6 +36,7 @@ Rules, each kept here only:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -174,7 +175,8 @@ class CheckpointManager:
         self.committed: list[Manifest] = []
         #: The validation records of the committed checkpoints, by folder.
         self.validations: dict[str, ValidationRecord] = {}
-        #: Folders whose validation runs now, in this process (kept from retention).
+        #: Folders whose validation waits or runs now, in this process (kept from retention;
+        #: the validation runner adds them as it takes each).
         self.validating: set[str] = set()
         self.protected: set[str] = set()
         #: The storage retries of this run's writers so far (retry.py).
@@ -203,7 +205,9 @@ class CheckpointManager:
         for problem in problems + more:
             self.logger.warning("Skipping %s; it is left as it is", problem)
         self.committed = manifests
-        self.validations = validations
+        self.validations = {m.directory: record for m in manifests
+                            if (record := validations.get(m.directory)) is not None
+                            and record.belongs_to(m)}
         return manifests
 
     def check_lease(self, look: bool = True) -> None:
@@ -329,26 +333,29 @@ class CheckpointManager:
     # -- validations ------------------------------------------------------------------------
 
     def unfinished_validations(self) -> list[Manifest]:
-        """Committed checkpoints whose validation an earlier writer started and never ended
-        (its attempt failed or its process died): to be validated again."""
-        return [m for m in self.committed if m.directory not in self.validating
-                and (record := self.validations.get(m.directory)) is not None
+        """Committed checkpoints whose records say validating: an earlier writer started them
+        and never ended (its attempt failed or its process died), unless this writer runs or
+        queues them now (the caller knows)."""
+        return [m for m in self.committed
+                if (record := self.validations.get(m.directory)) is not None
                 and record.status == VALIDATING]
 
-    def record_validation(self, manifest: Manifest, record: ValidationRecord) -> Checkpoint:
-        """Write where a checkpoint's validation stands (under the lease); once it ended, the
-        checkpoint may be scored by its metrics and retention looks again. Returns the
-        checkpoint with its new status."""
+    def record_validation(self, manifest: Manifest, record: ValidationRecord) -> None:
+        """Write where a committed checkpoint's validation stands (under the lease; nothing
+        for one retention deleted); once it ended, the checkpoint may be scored by its metrics
+        and retention looks again."""
+        if record.status != VALIDATING:
+            self.validating.discard(manifest.directory)
+        if manifest not in self.committed:
+            return
+        record = dataclasses.replace(record, committed_at=manifest.committed_at)
         self.check_lease()
         with driver_io(f"recording the validation of checkpoint {manifest.index}",
                        self.storage):
             self.storage.write_validation(manifest.directory, record,
                                           on_retry=self.retries.driver_retried)
         self.validations[manifest.directory] = record
-        if record.status == VALIDATING:
-            self.validating.add(manifest.directory)
-        else:
-            self.validating.discard(manifest.directory)
+        if record.status != VALIDATING:
             attribute = self.config.checkpoint_score_attribute
             if record.metrics and attribute is not None \
                     and attribute not in {**manifest.metrics, **record.metrics}:
@@ -357,9 +364,7 @@ class CheckpointManager:
                     "returned by its validation (%s): it is never best. Return it from the "
                     "validation function or report it", attribute, manifest.index,
                     ", ".join(sorted(record.metrics)))
-            if manifest in self.committed:
-                self.apply_retention()
-        return self.checkpoint(manifest)
+            self.apply_retention()
 
     def pinned(self) -> set[str]:
         """The folders a model alias points at now or pointed at just before (``pd.promote``

@@ -213,7 +213,8 @@ class RunStorage:
         """The run's committed checkpoints, oldest first, each with its validation record."""
         manifests, _ = self.read_manifests()
         validations, _ = self.read_validations()
-        return [self.checkpoint(m, validations.get(m.directory)) for m in manifests]
+        return [self.checkpoint(m, record if (record := validations.get(m.directory))
+                                and record.belongs_to(m) else None) for m in manifests]
 
     def read_manifest(self, directory: str) -> Manifest:
         """The manifest of one checkpoint folder; ManifestError if it has none or a bad one."""

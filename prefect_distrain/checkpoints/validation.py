@@ -3,7 +3,8 @@
 The manifest is written once and never changes; what a validation learns later (its status,
 its metrics, its error) goes into this record, replaced atomically by the run's writer as the
 validation moves on. Like a manifest it is read from storage others can write to: a record that
-is not one is skipped with the reason, and one without a manifest means nothing.
+is not one is skipped with the reason; one without a manifest, or made for another commit of
+the same folder (its ``committed_at`` is the manifest's), means nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class ValidationRecord:
     error: str | None = None
     attempt: int = 0
     updated_at: str = ""
+    #: The ``committed_at`` of the manifest it belongs to.
+    committed_at: str = ""
+
+    def belongs_to(self, manifest: Any) -> bool:
+        return self.committed_at == manifest.committed_at
 
     @classmethod
     def now(cls, status: str, metrics: dict[str, Any] | None = None, error: str | None = None,
@@ -43,7 +49,8 @@ class ValidationRecord:
 
     def to_record(self) -> dict[str, Any]:
         return {"status": self.status, "metrics": self.metrics, "error": self.error,
-                "attempt": self.attempt, "updated_at": self.updated_at}
+                "attempt": self.attempt, "updated_at": self.updated_at,
+                "committed_at": self.committed_at}
 
     @classmethod
     def from_json(cls, data: bytes, name: str) -> ValidationRecord:
@@ -56,9 +63,14 @@ class ValidationRecord:
             raise ValidationRecordError(
                 f"validation record {name}: its status is not one of {STATUSES[1:]}")
         metrics, error = record.get("metrics", {}), record.get("error")
-        if not isinstance(metrics, dict) or not all(isinstance(k, str) for k in metrics):
-            raise ValidationRecordError(f"validation record {name}: 'metrics' is not a mapping")
+        if not isinstance(metrics, dict) or not all(
+                isinstance(k, str) and not k.startswith("_")
+                and (v is None or isinstance(v, (bool, int, float, str)))
+                for k, v in metrics.items()):
+            raise ValidationRecordError(
+                f"validation record {name}: 'metrics' is not a mapping of names (not starting "
+                "with '_') to numbers, strings, booleans or None")
         attempt = record.get("attempt", 0)
         return cls(record["status"], metrics, None if error is None else str(error),
                    attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 0,
-                   str(record.get("updated_at", "")))
+                   str(record.get("updated_at", "")), str(record.get("committed_at", "")))

@@ -229,7 +229,7 @@ def check_cluster_can_hold(scaling: ScalingConfig) -> None:
 def check_cluster_can_validate(task: dict[str, float], bundle: dict[str, float],
                                workers: int) -> None:
     """Fail at once when a validation task (``pd.Validation``) could never run beside the
-    worker group: it would wait for ever, and so would the end of the run."""
+    worker group: each would wait out its timeout and fail, holding up the end of the run."""
     if not task or settings.settings().allow_autoscaling:
         return
     _, held = held_by_caller()

@@ -178,7 +178,11 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
     for index in sorted(commits.waiting):
         logger.warning("Checkpoint %d was not committed: not every rank reported it", index)
     if spec.validations is not None:
-        spec.validations.finish()
+        try:
+            spec.validations.finish(spec.deadline, spec.shutdown_requested)
+        except BaseException:
+            _end(group, callbacks, error=True, validations=spec.validations)
+            raise
         spec.validations.attach(None, spec.attempt)
     callbacks.call("finish_training", error=False)
     callbacks.close()

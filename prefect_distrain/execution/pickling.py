@@ -8,9 +8,11 @@ once, before anything starts; the prefect-ray runner does the same for the tasks
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import os
+import site
 import sys
 import sysconfig
 import threading
@@ -21,9 +23,11 @@ from ray import cloudpickle
 
 from ..exceptions import ConfigurationError
 
-#: Where installed packages live: modules there are imported by the workers, not sent.
+#: Where installed packages live (the interpreter's, site-packages and dist-packages folders,
+#: the user's): modules there are imported by the workers, not sent.
 _INSTALLED = tuple(os.path.realpath(p) + os.sep for p in {
-    sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")),
+    *site.getsitepackages(), site.getusersitepackages()})
 #: Packages that every worker has.
 _EVERYWHERE = ("prefect_distrain", "prefect", "ray")
 _lock = threading.Lock()
@@ -34,10 +38,10 @@ def user_modules(objects: Iterable[Any]) -> list[types.ModuleType]:
     functions and classes they use from other modules of the user's (a helper imported from a
     sibling file, say), followed a few levels deep."""
     found: list[types.ModuleType] = []
-    todo = [(obj, 0) for obj in objects]
-    seen: set[int] = set()
+    todo = collections.deque((obj, 0) for obj in objects)  # breadth first: each at its least
+    seen: set[int] = set()                                    # depth
     while todo:
-        obj, depth = todo.pop()
+        obj, depth = todo.popleft()
         if not callable(obj) or id(obj) in seen:
             continue
         seen.add(id(obj))
@@ -85,11 +89,11 @@ def serialize_train_function(fn: Callable, what: str = "the training function") 
     """Pickle the function once for all workers; say what it captured when that fails."""
     if not callable(fn):
         raise ConfigurationError(
-            f"the training function must be callable, got {type(fn).__name__}: pass the "
+            f"{what} must be callable, got {type(fn).__name__}: pass the "
             "function itself, e.g. train(train_loop), not train(train_loop())")
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise ConfigurationError(
-            f"the training function {getattr(fn, '__qualname__', fn)!r} is `async def`: each "
+            f"{what} {getattr(fn, '__qualname__', fn)!r} is `async def`: each "
             "worker calls it and needs its result, not a coroutine. Make it a plain `def` (run "
             "async code inside it with asyncio.run(...))")
     try:
