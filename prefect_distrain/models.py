@@ -57,7 +57,8 @@ from .checkpoints.checkpoint import Checkpoint
 from .checkpoints.fs import create_exclusive, redact_url
 from .checkpoints.manifest import Manifest, ManifestError, parse_dirname
 from .checkpoints.retry import RetryPolicy, with_retries
-from .checkpoints.storage import MANIFESTS, PINS, pin_name
+from .checkpoints.storage import MANIFESTS, PINS, VALIDATIONS, pin_name
+from .checkpoints.validation import ValidationRecord, ValidationRecordError
 from .config import RunConfig
 from .exceptions import CheckpointCorruptError, ConfigurationError, DistrainError
 
@@ -218,7 +219,7 @@ def promote(checkpoint: Checkpoint | str, model: str, alias: str = "production",
     _pin(target.url, target.checkpoint.storage_options, model, alias)
     entry = history.append(
         action="promote", url=target.url, digest=target.digest, manifest=target.manifest,
-        head=head, restores=None,
+        metrics=target.checkpoint.metrics, head=head, restores=None,
         rollback_to=current.version if current is not None else None, reason=reason)
     _announce(entry, target.checkpoint)
     return entry
@@ -416,14 +417,17 @@ class _History:
 
     def append(self, *, action: str, url: str, digest: str, manifest: Manifest | None,
                head: tuple[AliasEntry, bytes] | None, restores: int | None,
-               rollback_to: int | None, reason: str) -> AliasEntry:
-        """Create version head+1 exclusively; AliasConflictError if another writer did."""
+               rollback_to: int | None, reason: str,
+               metrics: dict[str, Any] | None = None) -> AliasEntry:
+        """Create version head+1 exclusively; AliasConflictError if another writer did.
+        ``metrics``: the checkpoint's, its validation's included (default: the manifest's)."""
         current, previous_bytes = head if head is not None else (None, None)
         version = (current.version if current else 0) + 1
         entry = AliasEntry(
             model=self.model, alias=self.alias, version=version, action=action, checkpoint=url,
             manifest_sha256=digest, index=manifest.index if manifest else None,
-            metrics=dict(manifest.metrics) if manifest else {},
+            metrics=dict(metrics if metrics is not None else manifest.metrics if manifest
+                         else {}),
             previous=current.checkpoint if current else None,
             previous_version=current.version if current else None,
             previous_manifest_sha256=current.manifest_sha256 if current else None,
@@ -684,7 +688,20 @@ def _committed_for_promotion(checkpoint: Checkpoint | str, root: _Root) -> _Targ
             f"checkpoint {url}: its manifest in storage is not the one this Checkpoint was "
             "committed with; load it again (pd.latest_checkpoint / result.checkpoint)")
     _check_sizes(fs, path, manifest, url)
-    return _Target(Checkpoint(url, options, manifest), url, manifest, _sha256(data))
+    return _Target(Checkpoint(url, options, manifest, _validation_of(fs, path, manifest)), url,
+                   manifest, _sha256(data))
+
+
+def _validation_of(fs: Any, path: str, manifest: Manifest) -> ValidationRecord | None:
+    """The checkpoint's validation record, if it has one of its own (pd.Validation)."""
+    parent, _, name = path.rstrip("/").rpartition("/")
+    data = fsutil.read_bytes(fs, f"{parent}/{VALIDATIONS}/{name}.json")
+    try:
+        record = ValidationRecord.from_json(data, f"{name}.json") if data else None
+    except ValidationRecordError as error:
+        logger.warning("Ignoring %s", error)
+        return None
+    return record if record is not None and record.belongs_to(manifest) else None
 
 
 def _pin(url: str, options: dict[str, Any], model: str, alias: str) -> None:
@@ -724,7 +741,7 @@ def _verified(entry: AliasEntry, root: _Root,
     """The entry's checkpoint with its manifest, which must be the one promoted."""
     options = root.options_for(entry.checkpoint, checkpoint_options)
     try:
-        _, _, data, name = _manifest_of(entry.checkpoint, options)
+        fs, path, data, name = _manifest_of(entry.checkpoint, options)
     except ValueError:
         raise AliasCorruptError(f"{entry.name} v{entry.version} names {entry.checkpoint}, "
                                 "which is not a run's checkpoint folder") from None
@@ -742,7 +759,7 @@ def _verified(entry: AliasEntry, root: _Root,
         manifest = Manifest.from_json(data, name)
     except ManifestError as error:
         raise CheckpointCorruptError(f"{entry.name} v{entry.version}: {error}") from None
-    return Checkpoint(entry.checkpoint, options, manifest)
+    return Checkpoint(entry.checkpoint, options, manifest, _validation_of(fs, path, manifest))
 
 
 # -- who, and Prefect -------------------------------------------------------------------------

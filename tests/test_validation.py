@@ -146,6 +146,11 @@ def test_failures_are_recorded_and_never_fail_training_in_local_mode(tmp_path):
     assert result.checkpoints[0].metrics["val_accuracy"] == 0.5
     assert sorted(records(str(tmp_path), "local", VALIDATIONS)) == [
         "checkpoint_000001-a0", "checkpoint_000002-a0", "checkpoint_000003-a0"]
+    # A promotion keeps the metric it was promoted on; the alias reads the status back.
+    entry = pd.promote(result.checkpoints[0], "local", storage=str(tmp_path))
+    assert entry.metrics["val_accuracy"] == 0.5 and entry.metrics["loss"] == 1.0
+    production = pd.load_alias("local", storage=str(tmp_path))
+    assert production.status == "validated" and production.metrics["val_epoch"] == 0
 
 
 def test_validations_a_failed_run_left_are_run_again_by_its_retry(tmp_path):
