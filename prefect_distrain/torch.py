@@ -130,7 +130,11 @@ def prepare_data_loader(data_loader: DataLoader, add_dist_sampler: bool = True,
     if not move_to_device and auto is None \
             and not isinstance(data_loader.sampler, DistributedSampler):
         return data_loader
-    return _DeviceLoader(data_loader, get_device() if move_to_device else None, auto)
+    prepared = _DeviceLoader(data_loader, get_device() if move_to_device else None, auto)
+    if auto is not None:  # the training data: its position goes with every report
+        session.data_loader = prepared
+        prepared.resume_at(session)
+    return prepared
 
 
 class _DeviceLoader:
@@ -138,6 +142,10 @@ class _DeviceLoader:
 
     A loop that calls ``loader.sampler.set_epoch(epoch)`` itself (as a loop resuming at epoch 3
     must, for the same data order as a run that never stopped) keeps its own epoch.
+
+    The training data loader knows its position (epoch, batches consumed in the pass) for the
+    reports; resumed from a checkpoint of its own run taken mid-pass, its pass of that epoch
+    iterates only what no rank consumed before (session/positions.py).
     """
 
     def __init__(self, loader: DataLoader, device: torch.device | None, auto: Any = None):
@@ -146,6 +154,62 @@ class _DeviceLoader:
         self.auto = auto  # set on the training data loader: it begins each pass
         self.passes = 0
         self._epoch_set = 0
+        self.epoch = 0
+        self.batches = 0  # consumed in the current pass
+        self._world = (0, 1)  # (rank, world size)
+        self._resume: dict[int, dict] | None = None  # the positions to continue from
+        self._base: dict[int, dict] | None = None  # those the current pass continued from
+
+    def resume_at(self, session: Any) -> None:
+        """Take the positions of the checkpoint this run resumes from, if it is this run's
+        own (a warm start from another run begins its passes whole) and mode "auto" does
+        not replay passes."""
+        from .session.positions import usable
+
+        context = session.context
+        self._world = (context.get_world_rank(), context.get_world_size())
+        resume = session.resume_from
+        manifest = getattr(resume, "manifest", None)
+        ours = resume is not None and resume.path.rstrip("/").rsplit("/", 1)[0] == \
+            context.storage_url.rstrip("/")
+        if ours and not session.auto.enabled and usable(getattr(manifest, "data_positions",
+                                                                None)):
+            self._resume = manifest.data_positions
+
+    def position(self) -> dict[str, Any] | None:
+        """Where this rank is in its training data (None without a DistributedSampler to
+        reproduce the order from)."""
+        sampler = self.loader.sampler
+        if self._base is not None:  # a pass that continued an earlier one
+            order = self._base[min(self._base)]
+            return {"epoch": self.epoch, "batches": self.batches, "world_size": self._world[1],
+                    "batch_size": self.loader.batch_size, "size": order["size"],
+                    "seed": order["seed"], "shuffle": order["shuffle"],
+                    "drop_last": order["drop_last"], "base": self._base}
+        if not isinstance(sampler, DistributedSampler) or not self.loader.batch_size:
+            return None
+        return {"epoch": self.epoch, "batches": self.batches,
+                "world_size": sampler.num_replicas, "batch_size": self.loader.batch_size,
+                "size": len(sampler.dataset), "seed": sampler.seed, "shuffle": sampler.shuffle,
+                "drop_last": sampler.drop_last}
+
+    def _continued(self, epoch: int) -> DataLoader | None:
+        """For the pass of the resumed epoch: a loader over what no rank consumed yet."""
+        from .session.positions import remaining
+
+        positions, self._resume = self._resume, None
+        if positions is None or positions[min(positions)]["epoch"] != epoch:
+            return None
+        rank, world = self._world
+        indices = remaining(positions, world)[rank]
+        self._base = positions
+        source = self.loader
+        return DataLoader(source.dataset, batch_size=source.batch_size, sampler=indices,
+                          num_workers=source.num_workers, collate_fn=source.collate_fn,
+                          pin_memory=source.pin_memory, drop_last=source.drop_last,
+                          timeout=source.timeout, worker_init_fn=source.worker_init_fn,
+                          generator=source.generator, prefetch_factor=source.prefetch_factor,
+                          persistent_workers=source.persistent_workers)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -160,12 +224,18 @@ class _DeviceLoader:
         if isinstance(sampler, DistributedSampler) and sampler.epoch == self._epoch_set:
             sampler.set_epoch(self.passes)  # nobody else set it: count the passes
             self._epoch_set = self.passes
+        epoch = sampler.epoch if isinstance(sampler, DistributedSampler) else self.passes
         self.passes += 1
         replay = self.auto is not None and self.auto.begin_pass()
+        self._base = None
+        loader = (self._continued(epoch) if self._resume is not None and not replay
+                  else None) or self.loader
+        self.epoch, self.batches = epoch, 0
         session = current_session()  # each batch is progress, for the driver's hang detection
-        for batch in self.loader:
+        for batch in loader:
             if session is not None:
                 session.step()
+            self.batches += 1
             yield batch if self.device is None else _to_device(batch, self.device)
             if replay:  # a pass done before the restart (mode "auto"): one batch, undone later
                 return

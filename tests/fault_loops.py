@@ -29,7 +29,8 @@ def deterministic_loop(config):
     ``config["preempt"]``: [epoch, step, rank]: on attempt 0 that rank is sent SIGTERM there.
     With it, every step asks ``preemption_requested()`` and, once it is, commits a checkpoint
     of that step (``"step"`` in its state, ``"jit"`` in its metrics), which ends the function;
-    a resume from it goes on with the next step.
+    a resume from it goes on with the next step: the prepared loader continues that pass
+    where the checkpoint left it (its position is in the manifest).
     """
     ctx = pd.get_context()
     rank = ctx.get_world_rank()
@@ -42,14 +43,14 @@ def deterministic_loop(config):
     y = x.sum(1, keepdim=True).sin()
     loader = pd.torch.prepare_data_loader(torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True))
-    start, done_steps = 0, -1  # done_steps: of epoch ``start``, when resumed mid-epoch
+    start = 0
     if (checkpoint := pd.get_checkpoint()) is not None:
         state = pd.torch.load_state(checkpoint, "state.pt")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"] + 1
-        if state.get("step") is not None:
-            start, done_steps = state["epoch"], state["step"]
+        if state.get("step") is not None:  # mid-epoch: the loader yields the rest of the pass
+            start = state["epoch"]
     kill = config.get("kills", {}).get(ctx.get_attempt())
     preempt = config.get("preempt") if ctx.get_attempt() == 0 else None
     seen = 0
@@ -63,8 +64,6 @@ def deterministic_loop(config):
         if ctx.get_attempt() == 0 and [epoch, rank] == config.get("hang"):
             time.sleep(3600)  # the peer never comes
         for step, (xb, yb) in enumerate(loader):
-            if epoch == start and step <= done_steps:
-                continue
             if kill is not None and [epoch, step, rank] == list(kill):
                 os.kill(os.getpid(), signal.SIGKILL)
             optimizer.zero_grad()

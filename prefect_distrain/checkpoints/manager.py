@@ -304,7 +304,8 @@ class CheckpointManager:
 
     def commit(self, index: int, attempt: int, files_by_rank: dict[int, dict[str, FileEntry]],
                metrics: dict[str, Any], *, world_size: int, backend: str,
-               skipped_by_rank: dict[int, dict[str, FileEntry]] | None = None) -> Manifest:
+               skipped_by_rank: dict[int, dict[str, FileEntry]] | None = None,
+               data_positions: dict[int, dict[str, Any]] | None = None) -> Manifest:
         """Write the manifest of a checkpoint whose files every declaring rank has uploaded,
         then remove torn folders (once per attempt) and apply retention."""
         attribute = self.config.checkpoint_score_attribute
@@ -320,7 +321,8 @@ class CheckpointManager:
         self.check_lease()
         manifest = Manifest.new(index, attempt, files, metrics=metrics, world_size=world_size,
                                 backend=backend,
-                                lease=self.lease.generation if self.lease else None)
+                                lease=self.lease.generation if self.lease else None,
+                                data_positions=data_positions)
         with driver_io(f"committing checkpoint {index}", self.storage):
             self.storage.write_manifest(manifest, on_retry=self.retries.driver_retried)
         self.committed.append(manifest)

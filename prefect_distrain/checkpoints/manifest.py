@@ -7,7 +7,9 @@ index and attempt; sizes and sha256 hashes are well formed. A manifest that fail
 with a ``ManifestError`` that names the file; readers skip it and say so.
 
 Version 2 adds the lease generation the committing writer held (``lease``). Version 1 manifests
-(no ``lease``) are read as they are; a newer version is refused with the fix (upgrade).
+(no ``lease``) are read as they are; a newer version is refused with the fix (upgrade). The
+optional ``data_positions`` (each rank's place in its training data, session/positions.py) is
+read where it is well formed and ignored by readers that do not know it.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Manifest:
     committed_at: str = ""
     lease: int | None = None
     schema_version: int = SCHEMA_VERSION
+    #: Each rank's position in its training data at this checkpoint, by rank.
+    data_positions: dict[int, dict[str, Any]] | None = None
 
     @property
     def directory(self) -> str:
@@ -80,11 +84,12 @@ class Manifest:
 
     @classmethod
     def new(cls, index: int, attempt: int, files: dict[str, FileEntry], *, metrics: dict,
-            world_size: int, backend: str, lease: int | None) -> Manifest:
+            world_size: int, backend: str, lease: int | None,
+            data_positions: dict[int, dict[str, Any]] | None = None) -> Manifest:
         return cls(index=index, attempt=attempt, files=dict(sorted(files.items())),
                    metrics=dict(metrics), world_size=world_size, backend=backend,
                    committed_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                   lease=lease)
+                   lease=lease, data_positions=data_positions or None)
 
     def to_json(self) -> bytes:
         record = {
@@ -95,6 +100,8 @@ class Manifest:
             "ranks": self.ranks, "metrics": self.metrics, "world_size": self.world_size,
             "backend": self.backend, "committed_at": self.committed_at, "lease": self.lease,
         }
+        if self.data_positions:
+            record["data_positions"] = {str(r): p for r, p in self.data_positions.items()}
         return dumps_json(record)
 
     @classmethod
@@ -148,7 +155,33 @@ class Manifest:
                    world_size=world_size if _natural(world_size) else 1,
                    backend=str(record.get("backend", "")),
                    committed_at=str(record.get("committed_at", "")), lease=lease,
-                   schema_version=version)
+                   schema_version=version,
+                   data_positions=_positions(record.get("data_positions")))
+
+
+def _positions(value: Any) -> dict[int, dict[str, Any]] | None:
+    """Well-formed data positions (rank -> position, nested ``base`` positions too), else None:
+    a resume then starts the interrupted pass from its beginning, as it always could."""
+    if not isinstance(value, dict) or not value:
+        return None
+    found = {}
+    for rank, position in value.items():
+        if not (isinstance(rank, str) and rank.isdigit() and isinstance(position, dict)):
+            return None
+        numbers = ("epoch", "batches", "world_size", "batch_size", "size", "seed")
+        if not all(_natural(position.get(k)) for k in numbers) \
+                or not isinstance(position.get("shuffle"), bool) \
+                or not isinstance(position.get("drop_last"), bool) \
+                or position["world_size"] < 1 or position["batch_size"] < 1:
+            return None
+        kept = {k: position[k] for k in (*numbers, "shuffle", "drop_last")}
+        if position.get("base") is not None:
+            base = _positions(position["base"])
+            if base is None:
+                return None
+            kept["base"] = base
+        found[int(rank)] = kept
+    return found
 
 
 def unsafe_name(name: Any) -> str | None:

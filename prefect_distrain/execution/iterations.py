@@ -70,9 +70,11 @@ class PendingCommits:
             self.group.plan_uploads(index, upload_plan(names_by_rank))
 
     def declared(self, index: int, ranks: set[int], metrics: dict,
-                 validate: bool | None = None) -> None:
+                 validate: bool | None = None, positions: dict[int, dict] | None = None
+                 ) -> None:
         entry = self.waiting.setdefault(index, {"files": {}})
         entry["ranks"], entry["metrics"], entry["validate"] = ranks, metrics, validate
+        entry["positions"] = positions
         self._commit_if_ready(index)
 
     def _commit_if_ready(self, index: int) -> None:
@@ -83,7 +85,8 @@ class PendingCommits:
         manager = self.spec.checkpoints
         manifest = manager.commit(index, self.spec.attempt, entry["files"], entry["metrics"],
                                   world_size=self.world_size, backend=self.spec.backend_name,
-                                  skipped_by_rank=entry.get("skipped"))
+                                  skipped_by_rank=entry.get("skipped"),
+                                  data_positions=entry.get("positions"))
         if self.spec.checkpoint_config.upload == "sync":
             self.group.acknowledge_commit(index, sorted(entry["files"]))
         checkpoint = manager.checkpoint(manifest)
@@ -141,8 +144,10 @@ class Iterations:
         if with_checkpoint:
             self.commits.plan(iteration, {r: reports[r]["upload"]["names"]
                                           for r in sorted(with_checkpoint)})
+            positions = {r: report.get("position") for r, report in reports.items()}
             self.commits.declared(iteration, with_checkpoint, results[0],
-                                  reports[min(with_checkpoint)]["upload"].get("validate"))
+                                  reports[min(with_checkpoint)]["upload"].get("validate"),
+                                  positions if all(positions.values()) else None)
         if automatic:
             return
         now = time.monotonic()

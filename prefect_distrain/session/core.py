@@ -54,6 +54,9 @@ class Session:
         self.context = context
         #: Whether the run has a validation function (``report(..., validate=True)`` needs one).
         self.validates = validates
+        #: The training data loader (``pd.torch.prepare_data_loader``), whose position goes
+        #: with every report (session/positions.py).
+        self.data_loader: Any = None
         self.storage = storage
         #: The checkpoint to resume from (``get_checkpoint()``), fixed while the function runs.
         self.resume_from = resume_from
@@ -170,15 +173,18 @@ class Session:
     def _send(self, result: dict[str, Any], checkpoint: Checkpoint | None,
               validate: bool | None = None) -> None:
         awaits = self.await_verdicts and AUTO_PASS_KEY not in result
+        # Where this rank is in its training data (session/positions.py), for the manifest.
+        position = self.data_loader.position() if self.data_loader is not None else None
         if checkpoint is None:
             self.outbox.put(("report", {"metrics": result, "upload": None,
-                                        "awaits_verdict": awaits}))
+                                        "awaits_verdict": awaits, "position": position}))
             return
         index = self.iteration
         sync = self.uploader.mode == "sync"
         with self.busy_with(f"staging checkpoint {index}"):
             staged = self.uploader.stage(index, checkpoint)
         self.outbox.put(("report", {"metrics": result, "awaits_verdict": awaits,
+                                    "position": position,
                                     "upload": {"index": index, "names": staged.names,
                                                "sync": sync, "validate": validate,
                                                "retries": self.uploader.take_retries()}}))
