@@ -25,6 +25,7 @@ these helpers prepared is checkpointed before each pass over the training data.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pickle
 import random
@@ -157,52 +158,70 @@ class _DeviceLoader:
         self.epoch = 0
         self.batches = 0  # consumed in the current pass
         self._world = (0, 1)  # (rank, world size)
-        self._resume: dict[int, dict] | None = None  # the positions to continue from
-        self._base: dict[int, dict] | None = None  # those the current pass continued from
+        self._resume: dict[str, Any] | None = None  # the positions to continue from
+        #: In a pass that continued a checkpoint's: the batches its rank had consumed (same
+        #: world size), or the chain it continued (another world size), and its order.
+        self._offset = 0
+        self._base: dict[str, Any] | None = None
+        self._order: dict[str, Any] | None = None
 
     def resume_at(self, session: Any) -> None:
         """Take the positions of the checkpoint this run resumes from, if it is this run's
         own (a warm start from another run begins its passes whole) and mode "auto" does
         not replay passes."""
-        from .session.positions import usable
-
         context = session.context
         self._world = (context.get_world_rank(), context.get_world_size())
         resume = session.resume_from
-        manifest = getattr(resume, "manifest", None)
+        positions = getattr(getattr(resume, "manifest", None), "data_positions", None)
         ours = resume is not None and resume.path.rstrip("/").rsplit("/", 1)[0] == \
             context.storage_url.rstrip("/")
-        if ours and not session.auto.enabled and usable(getattr(manifest, "data_positions",
-                                                                None)):
-            self._resume = manifest.data_positions
+        if ours and positions and not session.auto.enabled:
+            self._resume = positions
 
     def position(self) -> dict[str, Any] | None:
-        """Where this rank is in its training data (None without a DistributedSampler to
-        reproduce the order from)."""
+        """Where this rank is in its training data: ``{"at": position, "base": chain}``
+        (session/positions.py); None without a DistributedSampler to reproduce the order
+        from."""
         sampler = self.loader.sampler
-        if self._base is not None:  # a pass that continued an earlier one
-            order = self._base[min(self._base)]
-            return {"epoch": self.epoch, "batches": self.batches, "world_size": self._world[1],
-                    "batch_size": self.loader.batch_size, "size": order["size"],
-                    "seed": order["seed"], "shuffle": order["shuffle"],
-                    "drop_last": order["drop_last"], "base": self._base}
-        if not isinstance(sampler, DistributedSampler) or not self.loader.batch_size:
-            return None
-        return {"epoch": self.epoch, "batches": self.batches,
-                "world_size": sampler.num_replicas, "batch_size": self.loader.batch_size,
-                "size": len(sampler.dataset), "seed": sampler.seed, "shuffle": sampler.shuffle,
-                "drop_last": sampler.drop_last}
+        order = self._order
+        if order is None:
+            if type(sampler) is not DistributedSampler or not self.loader.batch_size:
+                return None
+            order = {"size": len(sampler.dataset), "seed": sampler.seed,
+                     "shuffle": sampler.shuffle, "drop_last": sampler.drop_last}
+        at = {"epoch": self.epoch, "batches": self._offset + self.batches,
+              "world_size": self._world[1] if self._order is not None else sampler.num_replicas,
+              "batch_size": self.loader.batch_size, **order}
+        return {"at": at, "base": self._base}
 
     def _continued(self, epoch: int) -> DataLoader | None:
-        """For the pass of the resumed epoch: a loader over what no rank consumed yet."""
-        from .session.positions import remaining
+        """For the pass of the resumed epoch: a loader over what no rank consumed yet (None,
+        and the positions kept, for a pass of another epoch)."""
+        from .session.positions import remaining, same_order
 
-        positions, self._resume = self._resume, None
-        if positions is None or positions[min(positions)]["epoch"] != epoch:
+        chain = self._resume
+        first = chain["ranks"][0]
+        if first["epoch"] != epoch:
+            return None
+        self._resume = None
+        sampler = self.loader.sampler
+        now = {"size": len(self.loader.dataset), "batch_size": self.loader.batch_size}
+        if type(sampler) is DistributedSampler:
+            now.update(seed=sampler.seed, shuffle=sampler.shuffle, drop_last=sampler.drop_last)
+        if not same_order(chain, now) or any(
+                p["batch_size"] != now["batch_size"] for p in chain["ranks"].values()):
+            logging.getLogger("prefect_distrain").warning(
+                "The checkpoint's data positions were made for other data or another loader "
+                "(%s; now %s): pass %d starts from its beginning", {k: first[k] for k in now},
+                now, epoch)
             return None
         rank, world = self._world
-        indices = remaining(positions, world)[rank]
-        self._base = positions
+        indices = remaining(chain, world, rank)[rank]
+        self._order = {k: first[k] for k in ("size", "seed", "shuffle", "drop_last")}
+        if world == first["world_size"] and not chain.get("base"):
+            self._offset = chain["ranks"][rank]["batches"]  # the same order, further on
+        else:
+            self._base = chain
         source = self.loader
         return DataLoader(source.dataset, batch_size=source.batch_size, sampler=indices,
                           num_workers=source.num_workers, collate_fn=source.collate_fn,
@@ -227,9 +246,10 @@ class _DeviceLoader:
         epoch = sampler.epoch if isinstance(sampler, DistributedSampler) else self.passes
         self.passes += 1
         replay = self.auto is not None and self.auto.begin_pass()
-        self._base = None
-        loader = (self._continued(epoch) if self._resume is not None and not replay
-                  else None) or self.loader
+        self._offset, self._base, self._order = 0, None, None
+        continued = self._continued(epoch) if self._resume is not None and not replay \
+            else None
+        loader = continued if continued is not None else self.loader  # an empty one too
         self.epoch, self.batches = epoch, 0
         session = current_session()  # each batch is progress, for the driver's hang detection
         for batch in loader:

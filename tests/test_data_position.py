@@ -33,10 +33,10 @@ def test_what_is_left_of_a_pass_is_every_sample_not_consumed_once(per_rank, worl
     consumed = data.draw(st.integers(0, per_rank))  # batches, the same on every rank (DDP)
     position = {"epoch": epoch, "world_size": world, "batch_size": batch, "size": size,
                 "seed": seed, "shuffle": shuffle, "drop_last": False, "batches": consumed}
-    positions = {rank: dict(position) for rank in range(world)}
+    chain = {"ranks": {rank: dict(position) for rank in range(world)}}
     seen = [i for rank in range(world)
             for i in sampler_order(position, rank)[:consumed * batch]]
-    left = remaining(positions, new_world)
+    left = remaining(chain, new_world)
     assert sorted(left) == list(range(new_world))
     assert len({len(v) for v in left.values()}) == 1, "every new rank gets as many"
     counts = collections.Counter(seen + [i for v in left.values() for i in v])
@@ -46,6 +46,17 @@ def test_what_is_left_of_a_pass_is_every_sample_not_consumed_once(per_rank, worl
     if new_world == world:  # the same ranks go on in their own order
         for rank in range(world):
             assert left[rank] == sampler_order(position, rank)[consumed * batch:]
+            assert remaining(chain, world, rank)[rank] == left[rank]
+    # ... and what the torch sampler itself gives, exactly (padding and drop_last included)
+    from torch.utils.data import DistributedSampler
+
+    for drop_last in (False, True):
+        for rank in range(world):
+            sampler = DistributedSampler(range(size + 1), num_replicas=world, rank=rank,
+                                         shuffle=shuffle, seed=seed, drop_last=drop_last)
+            sampler.set_epoch(epoch)
+            assert sampler_order({**position, "size": size + 1, "drop_last": drop_last},
+                                 rank) == list(sampler)
 
 
 def ids_loop(config):
@@ -94,7 +105,9 @@ def test_a_mid_epoch_sigkill_resumes_onto_the_exact_data_position(tmp_path):
     manifests = tmp_path / "runs" / "ids" / "_manifests"
     resumed = json.loads(open(manifests / "checkpoint_000006-a0.json").read())
     # Epoch 1's checkpoint after its 6th batch (12 batches a pass, a report every 3: 4 + 2).
-    assert {r: p["batches"] for r, p in resumed["data_positions"].items()} == {"0": 6, "1": 6}
+    positions = resumed["data_positions"]
+    assert {r: p["batches"] for r, p in positions["ranks"].items()} == {"0": 6, "1": 6}
+    assert "base" not in positions
     consumed = collections.Counter()
     for name in os.listdir(logs):
         for line in open(logs / name):
@@ -105,3 +118,25 @@ def test_a_mid_epoch_sigkill_resumes_onto_the_exact_data_position(tmp_path):
             consumed[(epoch, sample)] += 1
     assert set(consumed) == {(e, i) for e in range(3) for i in range(96)}
     assert set(consumed.values()) == {1}, "a sample of an epoch consumed twice"
+
+
+def test_positions_round_trip_and_tampered_ones_are_dropped_not_fatal():
+    from prefect_distrain.checkpoints.manifest import Manifest
+
+    at = {"epoch": 1, "batches": 3, "world_size": 2, "batch_size": 4, "size": 64, "seed": 0,
+          "shuffle": True, "drop_last": False}
+    base = {"ranks": {r: {**at, "world_size": 4} for r in range(4)}}
+    chain = {"ranks": {0: at, 1: at}, "base": base}
+    manifest = Manifest.new(2, 0, {}, metrics={}, world_size=2, backend="torch", lease=1,
+                            data_positions=chain)
+    read = Manifest.from_json(manifest.to_json(), "checkpoint_000002-a0.json")
+    assert read.data_positions == chain
+    record = json.loads(manifest.to_json())
+    for tampered in ({"ranks": {"0": at}},                       # a rank of the world missing
+                     {"ranks": {"²": at, "1": at}},              # not a rank number
+                     {"ranks": {"0": at, "1": {**at, "seed": 9}}},  # two orders in one world
+                     {"ranks": {"0": at, "1": at}, "base": {"ranks": {"0": at}}},
+                     {"ranks": {"0": {**at, "batches": -1}, "1": at}}, [1, 2], "x"):
+        again = Manifest.from_json(json.dumps({**record, "data_positions": tampered}),
+                                   "checkpoint_000002-a0.json")
+        assert again.data_positions is None and again.index == 2

@@ -305,7 +305,7 @@ class CheckpointManager:
     def commit(self, index: int, attempt: int, files_by_rank: dict[int, dict[str, FileEntry]],
                metrics: dict[str, Any], *, world_size: int, backend: str,
                skipped_by_rank: dict[int, dict[str, FileEntry]] | None = None,
-               data_positions: dict[int, dict[str, Any]] | None = None) -> Manifest:
+               data_positions: dict[str, Any] | None = None) -> Manifest:
         """Write the manifest of a checkpoint whose files every declaring rank has uploaded,
         then remove torn folders (once per attempt) and apply retention."""
         attribute = self.config.checkpoint_score_attribute

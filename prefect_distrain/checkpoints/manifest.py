@@ -66,8 +66,8 @@ class Manifest:
     committed_at: str = ""
     lease: int | None = None
     schema_version: int = SCHEMA_VERSION
-    #: Each rank's position in its training data at this checkpoint, by rank.
-    data_positions: dict[int, dict[str, Any]] | None = None
+    #: Every rank's position in its training data at this checkpoint (session/positions.py).
+    data_positions: dict[str, Any] | None = None
 
     @property
     def directory(self) -> str:
@@ -85,7 +85,7 @@ class Manifest:
     @classmethod
     def new(cls, index: int, attempt: int, files: dict[str, FileEntry], *, metrics: dict,
             world_size: int, backend: str, lease: int | None,
-            data_positions: dict[int, dict[str, Any]] | None = None) -> Manifest:
+            data_positions: dict[str, Any] | None = None) -> Manifest:
         return cls(index=index, attempt=attempt, files=dict(sorted(files.items())),
                    metrics=dict(metrics), world_size=world_size, backend=backend,
                    committed_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -101,7 +101,7 @@ class Manifest:
             "backend": self.backend, "committed_at": self.committed_at, "lease": self.lease,
         }
         if self.data_positions:
-            record["data_positions"] = {str(r): p for r, p in self.data_positions.items()}
+            record["data_positions"] = self.data_positions  # rank numbers become strings
         return dumps_json(record)
 
     @classmethod
@@ -159,29 +159,39 @@ class Manifest:
                    data_positions=_positions(record.get("data_positions")))
 
 
-def _positions(value: Any) -> dict[int, dict[str, Any]] | None:
-    """Well-formed data positions (rank -> position, nested ``base`` positions too), else None:
-    a resume then starts the interrupted pass from its beginning, as it always could."""
-    if not isinstance(value, dict) or not value:
+_POSITION_NUMBERS = ("epoch", "batches", "world_size", "batch_size", "size", "seed")
+
+
+def _positions(value: Any, depth: int = 0) -> dict[str, Any] | None:
+    """Well-formed data positions (session/positions.py: ``{"ranks": {rank: position},
+    "base": <the same, optional>}``, every rank of one world, one order), else None: a resume
+    then starts the interrupted pass from its beginning, as it always could."""
+    if not isinstance(value, dict) or not isinstance(value.get("ranks"), dict) or depth > 16:
         return None
-    found = {}
-    for rank, position in value.items():
-        if not (isinstance(rank, str) and rank.isdigit() and isinstance(position, dict)):
+    ranks = {}
+    for rank, position in value["ranks"].items():
+        if not (isinstance(rank, (str, int)) and re.fullmatch(r"[0-9]{1,6}", str(rank))
+                and isinstance(position, dict)):
             return None
-        numbers = ("epoch", "batches", "world_size", "batch_size", "size", "seed")
-        if not all(_natural(position.get(k)) for k in numbers) \
+        if not all(_natural(position.get(k)) for k in _POSITION_NUMBERS) \
                 or not isinstance(position.get("shuffle"), bool) \
                 or not isinstance(position.get("drop_last"), bool) \
                 or position["world_size"] < 1 or position["batch_size"] < 1:
             return None
-        kept = {k: position[k] for k in (*numbers, "shuffle", "drop_last")}
-        if position.get("base") is not None:
-            base = _positions(position["base"])
-            if base is None:
-                return None
-            kept["base"] = base
-        found[int(rank)] = kept
-    return found
+        ranks[int(rank)] = {k: position[k] for k in (*_POSITION_NUMBERS, "shuffle",
+                                                     "drop_last")}
+    world = ranks.get(0, {}).get("world_size")
+    shared = ("epoch", "world_size", "size", "seed", "shuffle", "drop_last")
+    if set(ranks) != set(range(world or 0)) or any(
+            p[k] != ranks[0][k] for p in ranks.values() for k in shared):
+        return None
+    chain: dict[str, Any] = {"ranks": ranks}
+    if value.get("base") is not None:
+        base = _positions(value["base"], depth + 1)
+        if base is None:
+            return None
+        chain["base"] = base
+    return chain
 
 
 def unsafe_name(name: Any) -> str | None:

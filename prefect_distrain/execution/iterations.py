@@ -70,7 +70,7 @@ class PendingCommits:
             self.group.plan_uploads(index, upload_plan(names_by_rank))
 
     def declared(self, index: int, ranks: set[int], metrics: dict,
-                 validate: bool | None = None, positions: dict[int, dict] | None = None
+                 validate: bool | None = None, positions: dict[str, Any] | None = None
                  ) -> None:
         entry = self.waiting.setdefault(index, {"files": {}})
         entry["ranks"], entry["metrics"], entry["validate"] = ranks, metrics, validate
@@ -102,6 +102,18 @@ class PendingCommits:
         """Record the validations that ended and start waiting ones (every poll turn)."""
         if self.spec.validations is not None:
             self.spec.validations.poll()
+
+
+def _positions(reports: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Every rank's position in its training data, as a manifest keeps them (a chain whose
+    ``base`` all ranks share), or None unless every rank has one."""
+    positions = [reports[r].get("position") for r in sorted(reports)]
+    if not all(positions):
+        return None
+    chain: dict[str, Any] = {"ranks": {r: p["at"] for r, p in enumerate(positions)}}
+    if positions[0].get("base"):
+        chain["base"] = positions[0]["base"]
+    return chain
 
 
 class Iterations:
@@ -144,10 +156,9 @@ class Iterations:
         if with_checkpoint:
             self.commits.plan(iteration, {r: reports[r]["upload"]["names"]
                                           for r in sorted(with_checkpoint)})
-            positions = {r: report.get("position") for r, report in reports.items()}
             self.commits.declared(iteration, with_checkpoint, results[0],
                                   reports[min(with_checkpoint)]["upload"].get("validate"),
-                                  positions if all(positions.values()) else None)
+                                  _positions(reports))
         if automatic:
             return
         now = time.monotonic()

@@ -7,14 +7,19 @@ applies it): "warn" (default: logged, and listed in the run's summary), "fail"
 (``DataChangedError`` before anything trains) or "ignore".
 
 A URL's fingerprint lists its parquet / CSV files with their sizes and versions (the ETag on
-object stores, the modification time elsewhere), so a file added, removed or rewritten shows.
-A Ray Dataset's lists the files it reads (``input_files``, from its metadata) or, once
-materialized, its row count and schema; one built in memory and not materialized has none
-and is never compared.
+object stores, the modification time elsewhere), so a file added, removed or rewritten shows;
+beyond ``MAX_FILES`` files it keeps their count, total size and a digest of the listing
+instead (a change shows, not which file). A Ray Dataset's lists the names of the files it
+reads (``input_files``: a file added or removed shows, one rewritten in place does not) or,
+once materialized, its row count and schema; one built in memory and not materialized has
+none and is never compared. Names are kept without credentials or query strings.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +27,11 @@ from typing import Any
 from ..checkpoints import fs as fsutil
 from .data import FORMATS
 
-_VERSION_KEYS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated")
+_VERSION_KEYS = ("generation", "ETag", "etag", "mtime", "LastModified", "last_modified",
+                 "updated")
+#: Beyond this many files a URL's fingerprint is a digest of its listing.
+MAX_FILES = 1000
+logger = logging.getLogger("prefect_distrain")
 
 
 def fingerprints(datasets: Mapping[str, Any] | None, storage_url: str = "",
@@ -33,17 +42,23 @@ def fingerprints(datasets: Mapping[str, Any] | None, storage_url: str = "",
 
     found = {}
     for name, value in (datasets or {}).items():
-        if isinstance(value, (str, os.PathLike)):
-            url = os.fspath(value)
-            same = get_protocol(url) == get_protocol(storage_url or "file://")
-            found[name] = _of_url(url, dict(storage_options or {}) if same else {})
-        else:
-            found[name] = _of_dataset(value)
+        try:
+            if isinstance(value, (str, os.PathLike)):
+                url = os.fspath(value)
+                same = get_protocol(url) == get_protocol(storage_url or "file://")
+                found[name] = _of_url(url, dict(storage_options or {}) if same else {})
+            else:
+                found[name] = _of_dataset(value)
+        except Exception as error:  # noqa: BLE001 - a fingerprint is not worth the run
+            logger.warning("Could not fingerprint dataset %r (%s): it is not compared on a "
+                           "resume", name, fsutil.brief(error))
+            found[name] = {}
     return found
 
 
 def _of_url(url: str, options: dict[str, Any]) -> dict:
     fs, path = fsutil.filesystem(url, options)
+    fs.invalidate_cache(path)  # a long-lived driver's listing cache may miss new files
     if not fs.exists(path):
         return {"url": fsutil.redact_url(url), "files": {}}
     infos = [fs.info(path)] if fs.isfile(path) else [
@@ -54,8 +69,13 @@ def _of_url(url: str, options: dict[str, Any]) -> dict:
     for info in sorted(infos, key=lambda i: i["name"]):
         relative = info["name"][len(root):].lstrip("/") or os.path.basename(info["name"])
         version = next((info[k] for k in _VERSION_KEYS if info.get(k) not in (None, "")), None)
-        files[relative] = {"size": info.get("size"),
-                           "version": None if version is None else str(version)}
+        files[fsutil.redact_url(relative)] = {
+            "size": info.get("size"), "version": None if version is None else str(version)}
+    if len(files) > MAX_FILES:
+        listing = json.dumps(files, sort_keys=True).encode()
+        return {"url": fsutil.redact_url(url), "count": len(files),
+                "bytes": sum(f["size"] or 0 for f in files.values()),
+                "listing_sha256": hashlib.sha256(listing).hexdigest()}
     return {"url": fsutil.redact_url(url), "files": files}
 
 
@@ -68,21 +88,28 @@ def _of_dataset(dataset: Any) -> dict:
         files = dataset.input_files()
     except Exception:  # noqa: BLE001 - a plan Ray can't tell its files of: nothing to compare
         files = []
-    return {"input_files": sorted(files)} if files else {}
+    return {"input_files": sorted(fsutil.redact_url(f) for f in files)} if files else {}
 
 
 def changes(before: Mapping[str, dict], now: Mapping[str, dict]) -> list[str]:
     """How the data given now differs from the data a checkpoint was trained on, one line per
     difference; datasets with no fingerprint on either side are not compared."""
     lines = []
+    if not isinstance(before, Mapping):
+        return lines
     for name in sorted(set(before) | set(now)):
         old, new = before.get(name), now.get(name)
+        if old is not None and not isinstance(old, dict):
+            continue  # a record written by someone else: nothing to compare
         if old is None:
             lines.append(f"dataset {name!r} is new")
         elif new is None:
             lines.append(f"dataset {name!r} is no longer given")
         elif old and new and old != new:
-            lines.append(f"dataset {name!r}: {_difference(old, new)}")
+            try:
+                lines.append(f"dataset {name!r}: {_difference(old, new)}")
+            except (AttributeError, KeyError, TypeError):  # a record not in our shape
+                lines.append(f"dataset {name!r}: its recorded fingerprint is unreadable")
     return lines
 
 
@@ -99,6 +126,10 @@ def _difference(old: dict, new: dict) -> str:
         where = f" ({new['url']})" if old.get("url") == new.get("url") else \
             f" ({old.get('url')} -> {new.get('url')})"
         return ", ".join(parts or ["its location changed"]) + where
+    if "listing_sha256" in old and "listing_sha256" in new:
+        return (f"its {old.get('count')} files ({old.get('bytes')} bytes) are now "
+                f"{new.get('count')} ({new.get('bytes')} bytes), or some were rewritten "
+                f"({new.get('url')})")
     if "rows" in old and "rows" in new and old["rows"] != new["rows"]:
         return f"{old['rows']} rows -> {new['rows']} rows"
     return "its files or schema differ"

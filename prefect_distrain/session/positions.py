@@ -3,17 +3,16 @@
 The training data loader (the first ``pd.torch.prepare_data_loader``, with a
 ``DistributedSampler``) tells every report where its rank is in the current pass: the epoch,
 the batches it consumed, and how the sampler orders the data (dataset size, world size, seed,
-shuffle, batch size). The driver keeps every rank's position of a checkpointed iteration in
-the manifest (``data_positions``). A run resuming from that checkpoint finds, for the pass of
-that epoch, what no rank consumed yet: the sampler's order of the epoch, minus each rank's
-consumed batches, dealt over the new world size (the same ranks keep their own order when the
-size did not change). That pass iterates exactly those samples; the passes after it are the
-sampler's own again.
+shuffle, drop_last, batch size). The driver keeps the positions of a checkpointed iteration in
+its manifest as a chain: ``{"ranks": {rank: position}, "base": <chain>}``, where ``base`` is
+only there when the pass itself continued one of another world size.
 
-Exact: which samples each rank consumed (the sampler's order is a pure function of the seed
-and the epoch). Approximate: a world size that changed deals the remainder anew, padded (as
-``DistributedSampler`` pads) when it does not divide evenly; a loader's own random state
-(augmentations, worker processes) is not restored.
+A run resuming from that checkpoint finds, for the pass of that epoch, what no rank consumed:
+each rank's rest of its own sampler order when the world size is the same (recorded again as
+a plain position, its batches counted from the start of the pass), or the rest of every rank's
+order dealt over the new world size. Exact: which samples were consumed (the order is a pure
+function of the seed and the epoch). Approximate: a new world size that does not divide the
+rest pads it, as ``DistributedSampler`` pads; the loader's own random state is not restored.
 """
 
 from __future__ import annotations
@@ -21,54 +20,65 @@ from __future__ import annotations
 import math
 from typing import Any
 
-#: The fields of a position, as reports carry them and manifests keep them.
-FIELDS = ("epoch", "batches", "world_size", "batch_size", "size", "seed", "shuffle",
-          "drop_last")
+#: What orders the data: a resume applies positions only to a loader whose sampler matches.
+ORDER = ("size", "seed", "shuffle", "drop_last")
+
+
+def _order(position: dict[str, Any]) -> Any:
+    """The whole epoch's order as ``DistributedSampler`` makes it (padded or cut to a
+    multiple of the world size), as a tensor: one permutation for every rank."""
+    import torch
+
+    size, world = position["size"], position["world_size"]
+    if position["shuffle"]:
+        generator = torch.Generator()
+        generator.manual_seed(position["seed"] + position["epoch"])
+        indices = torch.randperm(size, generator=generator)
+    else:
+        indices = torch.arange(size)
+    if position["drop_last"] and size % world:
+        total = math.ceil((size - world) / world) * world
+        return indices[:total]
+    total = math.ceil(size / world) * world
+    if total > size:
+        indices = torch.cat([indices, indices.repeat(math.ceil((total - size) / size))[
+            :total - size]])
+    return indices
 
 
 def sampler_order(position: dict[str, Any], rank: int) -> list[int]:
     """The indices a ``DistributedSampler`` with these settings gives ``rank`` in the epoch."""
-    from torch.utils.data import DistributedSampler
-
-    sampler = DistributedSampler(range(position["size"]), num_replicas=position["world_size"],
-                                 rank=rank, shuffle=position["shuffle"], seed=position["seed"],
-                                 drop_last=position["drop_last"])
-    sampler.set_epoch(position["epoch"])
-    return list(sampler)
+    return _order(position)[rank::position["world_size"]].tolist()
 
 
-def dealt(positions: dict[int, dict[str, Any]]) -> dict[int, list[int]]:
-    """What each rank of the pass these positions come from had to iterate, in order."""
-    first = positions[min(positions)]
-    world = first["world_size"]
-    base = first.get("base")
-    if base:
-        return remaining(base, world)
-    return {rank: sampler_order(first, rank) for rank in range(world)}
-
-
-def remaining(positions: dict[int, dict[str, Any]], world_size: int) -> dict[int, list[int]]:
-    """What is left of the pass after ``positions``, dealt over ``world_size`` ranks."""
-    lists = dealt(positions)
-    old_world = len(lists)
-    left = {rank: lists[rank][positions[rank]["batches"] * positions[rank]["batch_size"]:]
-            for rank in range(old_world)}
+def remaining(chain: dict[str, Any], world_size: int, rank: int | None = None
+              ) -> dict[int, list[int]]:
+    """What is left of the pass after ``chain``, dealt over ``world_size`` ranks (only
+    ``rank``'s share when given and the world size is the chain's, without building the
+    others)."""
+    ranks = chain["ranks"]
+    first = ranks[0]
+    old_world = first["world_size"]
+    if chain.get("base"):
+        lists = remaining(chain["base"], old_world)
+    else:
+        order = _order(first)
+        wanted = [rank] if rank is not None and world_size == old_world else range(old_world)
+        lists = {r: order[r::old_world].tolist() for r in wanted}
+    left = {r: lists[r][ranks[r]["batches"] * ranks[r]["batch_size"]:] for r in lists}
     if world_size == old_world:
         return left
     longest = max((len(v) for v in left.values()), default=0)
-    merged = [left[rank][j] for j in range(longest) for rank in range(old_world)
-              if j < len(left[rank])]
+    merged = [left[r][j] for j in range(longest) for r in range(old_world) if j < len(left[r])]
     if not merged:
-        return {rank: [] for rank in range(world_size)}
+        return {r: [] for r in range(world_size)}
     each = math.ceil(len(merged) / world_size)
     padded = merged + (merged * math.ceil(each * world_size / len(merged)))[
         :each * world_size - len(merged)]
-    return {rank: padded[rank::world_size] for rank in range(world_size)}
+    return {r: padded[r::world_size] for r in range(world_size)}
 
 
-def usable(positions: Any) -> bool:
-    """Whether a manifest's positions cover every rank of the pass they come from."""
-    if not isinstance(positions, dict) or not positions:
-        return False
-    first = positions.get(min(positions))
-    return isinstance(first, dict) and set(positions) == set(range(first.get("world_size", -1)))
+def same_order(chain: dict[str, Any], order: dict[str, Any]) -> bool:
+    """Whether a resumed chain was made for data ordered as ``order`` (size, seed, ...)."""
+    first = chain["ranks"][0]
+    return all(first.get(k) == order.get(k) for k in ORDER if k in order)
