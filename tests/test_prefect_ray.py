@@ -441,7 +441,9 @@ def test_the_users_own_modules_travel_by_value_installed_ones_by_reference():
     def _own_modules(task, parameters):  # as the runner asks, for a task and its parameters
         return user_modules([getattr(task, "fn", None), *parameters.values()])
 
-    assert _own_modules(scale, {"storage": "x"}) == [sys.modules[__name__]]
+    # ... and those of the helpers they use from other such modules (scale -> scale_digits)
+    assert _own_modules(scale, {"storage": "x"}) == [sys.modules[__name__],
+                                                     sys.modules["ray_pipeline"]]
     assert _own_modules(pd.train, {"train_loop": train_loop, "config": {}}) == \
         [sys.modules["digits"]]
     assert _own_modules(pd.train, {"train_loop": json.dumps}) == []
