@@ -73,6 +73,7 @@ def deterministic_loop(config):
             seen += len(yb)
             if preempt is not None and [epoch, step, rank] == list(preempt):
                 os.kill(os.getpid(), signal.SIGTERM)  # a spot reclaim
+                time.sleep(1.0)  # its handler runs before the next step asks (a loaded CI)
             if "preempt" in config and ctx.preemption_requested():
                 _checkpoint_now(model, optimizer, epoch, step, rank)
         time.sleep(config.get("epoch_sleep", 0))
