@@ -70,12 +70,34 @@ def error_type(error: BaseException) -> str:
 
 def address_and_free_port() -> tuple[str, int]:
     """On a worker: its node's address and a port free there now, for a framework's
-    rendezvous (torch's MASTER_PORT, a TF_CONFIG entry)."""
+    rendezvous (torch's MASTER_PORT, a TF_CONFIG entry).
+
+    The port is released before the framework binds it again: one from the kernel's
+    ephemeral range (what ``bind(0)`` returns) may be handed meanwhile to any process that
+    connects or binds port 0 (Ray starts many), so a free one below that range comes first."""
+    import random
     import socket
 
     import ray
 
+    low = _ephemeral_low()
+    for port in random.sample(range(20000, low), min(50, max(0, low - 20000))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        return ray.util.get_node_ip_address(), port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         port = sock.getsockname()[1]
     return ray.util.get_node_ip_address(), port
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux), else IANA's 49152."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
