@@ -66,7 +66,8 @@ def step_overhead_loop(config):
     model = pd.torch.prepare_model(_model(config.get("hidden", 0)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, 32), torch.randn(64, 1)
-    # With "loader": each step takes its batch from a prepared loader (counted as progress).
+    # With "loader": each step takes its batch from a prepared loader (counted as progress;
+    # its position goes with every report).
     batches = None
     if config.get("loader"):
         data = torch.utils.data.TensorDataset(x.repeat(64, 1), y.repeat(64, 1))
@@ -86,15 +87,24 @@ def step_overhead_loop(config):
 
     for _ in range(config["warmup"]):
         step()
-    timings = {"plain": [], "report": []}
+    # With "positions": reports with the loader's position / the same reports without it.
+    kinds = ("untracked", "report") if config.get("positions") else ("plain", "report")
+    from prefect_distrain.session import current_session
+
+    session = current_session()
+    timings: dict[str, list[float]] = {kind: [] for kind in kinds}
     for round_ in range(config["rounds"]):  # interleaved, so drift hits both alike
-        for kind in ("plain", "report"):
+        for kind in kinds:
+            tracked = session.data_loader
+            if kind == "untracked":
+                session.data_loader = None
             for i in range(config["steps"]):
                 began = time.perf_counter()
                 step()
-                if kind == "report":
+                if kind != "plain":
                     pd.report({"step": i, "round": round_})
                 timings[kind].append(time.perf_counter() - began)
+            session.data_loader = tracked
     return {kind: statistics.median(values) for kind, values in timings.items()}
 
 

@@ -161,6 +161,20 @@ class Bench:
             ratios.append(steps["on"] / steps["off"])
         self.figures["P2c step with hang tracking on / off"] = {
             **spread(ratios), "goal": "<= 1.02", "met": statistics.median(ratios) <= 1.02}
+        self.position_tracking_cost(config)
+
+    def position_tracking_cost(self, config: dict) -> None:
+        """P2e: the step time, a report every step through the training data loader, with its
+        position in every report / without it (interleaved rounds, the same processes)."""
+        ratios = []
+        for _ in range(self.repeat):
+            with pd.Trainer(num_workers=2, run=self.run_config("p2e")) as trainer:
+                result = trainer.fit(step_overhead_loop,
+                                     config={**config, "loader": True, "positions": True})
+            medians = result.worker_results[0]
+            ratios.append(medians["report"] / medians["untracked"])
+        self.figures["P2e step with data positions / without"] = {
+            **spread(ratios), "goal": "<= 1.02", "met": statistics.median(ratios) <= 1.02}
 
     def validation_cost(self) -> None:
         """P2d: step time (with a checkpoint every ``every`` steps) while each checkpoint is
@@ -347,7 +361,8 @@ def show(figures: dict, machine: dict) -> str:
         elif "overhead" in figure:
             value = f"{figure['overhead']:.3f}"
         else:
-            value = ", ".join(f"{k}: {v:.2f}" for k, v in figure.items())
+            value = ", ".join(f"{k}: {v:.2f}" for k, v in figure.items()
+                              if k not in ("goal", "met", "note"))
         goal = figure.get("goal", "")
         if goal:
             goal += " met" if figure.get("met") else " NOT met"

@@ -317,8 +317,10 @@ class CheckpointConfig:
     returns); a restart runs the passes already done with one batch each (their reports are
     dropped), then restores that state and goes on, with no checkpoint code in the loop. The
     first loader prepared (or the "train" dataset shard) is the training data; other state (an
-    LR scheduler stepped per batch) is not saved. ``"manual"`` (default): only what the loop
-    reports.
+    LR scheduler stepped per batch) is not saved. ``every_n_batches``: also commit it every this
+    many batches within a pass, with the data loader's position (session/positions.py), so a
+    restart goes on mid-pass: with a torch loader, the same weights as a run that never stopped.
+    ``"manual"`` (default): only what the loop reports.
 
     Every rank may report a checkpoint with the same file names (as Ray's examples do): each
     name is uploaded once, by the lowest rank that wrote it. Copies that differ keep that
@@ -335,8 +337,15 @@ class CheckpointConfig:
     upload_backoff_max_s: float = 20.0
     rank_conflicts: str = "warn"
     validate: Validation | None = None
+    every_n_batches: int | None = None
 
     def __post_init__(self) -> None:
+        if self.every_n_batches is not None and (
+                not isinstance(self.every_n_batches, int) or isinstance(self.every_n_batches, bool)
+                or self.every_n_batches < 1 or self.mode != "auto"):
+            raise ConfigurationError(
+                f"every_n_batches={self.every_n_batches!r}: give a whole number >= 1 with "
+                "mode='auto' (with mode='manual', report a checkpoint as often as you like)")
         if self.validate is not None and not isinstance(self.validate, Validation):
             raise ConfigurationError(
                 f"CheckpointConfig(validate=...) takes a pd.Validation(fn, ...), got "

@@ -167,16 +167,14 @@ class _DeviceLoader:
 
     def resume_at(self, session: Any) -> None:
         """Take the positions of the checkpoint this run resumes from, if it is this run's
-        own (a warm start from another run begins its passes whole) and mode "auto" does
-        not replay passes."""
+        own (a warm start from another run begins its passes whole) and, in mode "auto", it
+        was taken within a pass."""
+        from .session.positions import own_positions
+
         context = session.context
         self._world = (context.get_world_rank(), context.get_world_size())
-        resume = session.resume_from
-        positions = getattr(getattr(resume, "manifest", None), "data_positions", None)
-        ours = resume is not None and resume.path.rstrip("/").rsplit("/", 1)[0] == \
-            context.storage_url.rstrip("/")
-        if ours and positions and not session.auto.enabled:
-            self._resume = positions
+        self._resume = own_positions(session.resume_from, context.storage_url, "sampler",
+                                     auto=session.auto.enabled)
 
     def position(self) -> dict[str, Any] | None:
         """Where this rank is in its training data: ``{"at": position, "base": chain}``
@@ -249,16 +247,26 @@ class _DeviceLoader:
         self._offset, self._base, self._order = 0, None, None
         continued = self._continued(epoch) if self._resume is not None and not replay \
             else None
-        loader = continued if continued is not None else self.loader  # an empty one too
+        if self.auto is not None and not replay:
+            self.auto.went_on(continued is not None, "the data loader")
+        if continued is None:
+            batches = iter(self.loader)
+        else:  # without drawing the seed the pass drew when it began (mode "auto" restored
+            with torch.random.fork_rng(devices=[]):  # the random state after that draw)
+                batches = iter(continued)
+        # Checkpoints within the pass need a position to go on from (a DistributedSampler).
+        within = self.auto is not None and self.position() is not None
         self.epoch, self.batches = epoch, 0
         session = current_session()  # each batch is progress, for the driver's hang detection
-        for batch in loader:
+        for batch in batches:
             if session is not None:
                 session.step()
             self.batches += 1
             yield batch if self.device is None else _to_device(batch, self.device)
             if replay:  # a pass done before the restart (mode "auto"): one batch, undone later
                 return
+            if within:
+                self.auto.after_batch(self._offset + self.batches)
 
 
 def load_state(checkpoint: Checkpoint, filename: str = "model.pt",

@@ -6,6 +6,7 @@ environment variables changed in the driver (a backend must set MASTER_ADDR & co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -59,6 +60,24 @@ def ray_cluster():
              runtime_env={"worker_process_setup_hook": _install_flaky_protocol})
     yield
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def head_and_node(head: dict, node: dict):
+    """A multi-node local Ray (``ray.cluster_utils.Cluster``): a head and one more node, with
+    this process connected; yields (cluster, node) and shuts both down after."""
+    from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_gpus": 0, **head})
+    added = cluster.add_node(num_gpus=0, **node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster, added
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,8 @@ import time
 
 import pytest
 import ray
-from conftest import Records, assert_no_train_actors
+from conftest import Records, assert_no_train_actors, head_and_node
 from fault_loops import deterministic_loop
-from ray.cluster_utils import Cluster
 
 import prefect_distrain as pd
 
@@ -21,16 +20,8 @@ import prefect_distrain as pd
 @pytest.fixture
 def cluster():
     """A head and a 2-CPU node; the test changes the nodes while training runs."""
-    assert not ray.is_initialized()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    node = cluster.add_node(num_cpus=2, num_gpus=0)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
-        yield cluster, node
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with head_and_node({"num_cpus": 2}, {"num_cpus": 2}) as both:
+        yield both
 
 
 def wait_for_free_cpus(cpus: float, at_most: bool = False) -> None:

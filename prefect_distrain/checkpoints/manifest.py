@@ -160,19 +160,27 @@ class Manifest:
 
 
 _POSITION_NUMBERS = ("epoch", "batches", "world_size", "batch_size", "size", "seed")
+_ROWS_NUMBERS = ("epoch", "rows", "world_size")
 
 
 def _positions(value: Any, depth: int = 0) -> dict[str, Any] | None:
     """Well-formed data positions (session/positions.py: ``{"ranks": {rank: position},
-    "base": <the same, optional>}``, every rank of one world, one order), else None: a resume
-    then starts the interrupted pass from its beginning, as it always could."""
+    "base": <the same, optional>}``, every rank of one world, one order, one kind), else
+    None: a resume then starts the interrupted pass from its beginning, as it always could."""
     if not isinstance(value, dict) or not isinstance(value.get("ranks"), dict) or depth > 16:
         return None
     ranks = {}
+    rows = any(isinstance(p, dict) and "rows" in p for p in value["ranks"].values())
     for rank, position in value["ranks"].items():
         if not (isinstance(rank, (str, int)) and re.fullmatch(r"[0-9]{1,6}", str(rank))
                 and isinstance(position, dict)):
             return None
+        if rows:  # a Ray Data shard's rows
+            if not all(_natural(position.get(k)) for k in _ROWS_NUMBERS) \
+                    or position["world_size"] < 1:
+                return None
+            ranks[int(rank)] = {k: position[k] for k in _ROWS_NUMBERS}
+            continue
         if not all(_natural(position.get(k)) for k in _POSITION_NUMBERS) \
                 or not isinstance(position.get("shuffle"), bool) \
                 or not isinstance(position.get("drop_last"), bool) \
@@ -181,14 +189,15 @@ def _positions(value: Any, depth: int = 0) -> dict[str, Any] | None:
         ranks[int(rank)] = {k: position[k] for k in (*_POSITION_NUMBERS, "shuffle",
                                                      "drop_last")}
     world = ranks.get(0, {}).get("world_size")
-    shared = ("epoch", "world_size", "size", "seed", "shuffle", "drop_last")
+    shared = ("epoch", "world_size") if rows else \
+        ("epoch", "world_size", "size", "seed", "shuffle", "drop_last")
     if set(ranks) != set(range(world or 0)) or any(
             p[k] != ranks[0][k] for p in ranks.values() for k in shared):
         return None
     chain: dict[str, Any] = {"ranks": ranks}
     if value.get("base") is not None:
         base = _positions(value["base"], depth + 1)
-        if base is None:
+        if base is None or ("rows" in base["ranks"][0]) != rows:
             return None
         chain["base"] = base
     return chain

@@ -110,6 +110,7 @@ def run_training(group: WorkerGroup, spec: RunSpec, logger: logging.Logger) -> R
             "iteration": spec.first_index - 1,
             "upload": spec.checkpoint_config.upload,
             "checkpoint_mode": spec.checkpoint_config.mode,
+            "auto_every_n_batches": spec.checkpoint_config.every_n_batches,
             "datasets": spec.dataset_shards[m.info.world_rank] if spec.dataset_shards else {},
             "await_verdicts": any(c.exact_stop for c in spec.callbacks),
             "progress_every_s": min(5.0, spec.hang_timeout_s / 4)

@@ -33,6 +33,7 @@ from ..integrations.data import DataConfig, needs_tasks, resolve_datasets, split
 from ..integrations.data_fingerprint import changes, fingerprints
 from ..logs import WorkerLogs
 from ..result import RunReport, TrainResult
+from ..session.positions import own_positions
 from .backend_setup import BackendSetup
 from .cluster import (
     capacity_now,
@@ -316,9 +317,12 @@ class Trainer:
             attempt = record["attempt"]
             retries_before = manager.retries.snapshot()
             spec.attempt, spec.resume_from = attempt, resume
+            # Positions go on in the same data only: not after a change the check found.
+            positions = None if self.data_changes else own_positions(
+                resume, spec.storage.run_url, "rows", auto=spec.checkpoint_config.mode == "auto")
             spec.dataset_shards = split_datasets(
                 datasets, len(group), data_config,
-                [m.metadata["node_id"] for m in group.members]) if datasets else None
+                [m.metadata["node_id"] for m in group.members], positions) if datasets else None
             spec.should_resize = self._resize_check(len(group))
             self.backend.training_starts(group)
             try:

@@ -15,10 +15,19 @@ def train_loop(config):
 Each start of the worker group splits every dataset anew (``Dataset.streaming_split``), so after
 a restart or an elastic resize the shards follow the new world size. Ray Data is imported only
 when a run has datasets.
+
+The training dataset ("train", or the only one split) is split in its own order
+(``preserve_order``), so a world size always splits it the same way: a rank's share of a pass
+is known by the rows it consumed, and a checkpoint keeps them as its data position
+(session/positions.py). A resume of the same world size skips them on each rank; one of another
+size first gathers what no rank consumed (``rest_of_pass``, in Ray's object store) and splits
+that over the new ranks for the interrupted pass.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +36,8 @@ from typing import Any
 from ..checkpoints import fs as fsutil
 from ..exceptions import ConfigurationError
 
+#: The most ranks whose shares ``rest_of_pass`` reads again (one Ray task each).
+MAX_SHARES = 4096
 #: File formats a dataset URL may hold, by file extension.
 FORMATS = {".parquet": "parquet", ".csv": "csv"}
 
@@ -151,10 +162,78 @@ def needs_tasks(datasets: Mapping[str, Any] | None) -> bool:
     return any(not isinstance(ds, MaterializedDataset) for ds in datasets.values())
 
 
+@dataclass
+class TrainingData:
+    """A rank's share of the training dataset, and where its pass ``epoch`` goes on from after
+    a resume: ``skip`` rows of ``continued`` (or of ``iterator``, the share of every pass,
+    when None), the positions of the chain ``base`` that ``continued`` continues."""
+
+    iterator: Any
+    world_size: int
+    epoch: int = 0
+    skip: int = 0
+    continued: Any = None
+    base: dict[str, Any] | None = None
+
+
+def training_dataset(datasets: Mapping[str, Any], config: DataConfig) -> str | None:
+    """The dataset whose position checkpoints keep: "train", or the only split one."""
+    split = list(datasets) if config.datasets_to_split == "all" else \
+        [n for n in config.datasets_to_split if n in datasets]
+    if "train" in split:
+        return "train"
+    return split[0] if len(split) == 1 else None
+
+
+def _ordered(dataset: Any) -> Any:
+    """``dataset`` executing in its own order: ``streaming_split`` then splits it the same
+    way for the same world size."""
+    options = copy.deepcopy(dataset.context.execution_options)
+    options.preserve_order = True
+    dataset.context.execution_options = options
+    return dataset
+
+
+def _rest_of_share(iterator: Any, skip: int) -> tuple[int, Any]:
+    """A Ray task: the rows of one rank's share after its first ``skip``, as one table."""
+    import pyarrow
+
+    tables, left = [], skip
+    for block in iterator.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if left >= block.num_rows:
+            left -= block.num_rows
+            continue
+        tables.append(block.slice(left))
+        left = 0
+    table = pyarrow.concat_tables(tables) if tables else None
+    return (table.num_rows if table is not None else 0), table
+
+
+def rest_of_pass(dataset: Any, chain: dict[str, Any], equal: bool = True) -> Any:
+    """What no rank consumed of the pass ``chain`` stopped in, as a Dataset in the order of
+    the ranks that held it (every share read at once: the split waits for all of them)."""
+    import ray
+
+    data = import_ray_data()
+    source = rest_of_pass(dataset, chain["base"], equal) if chain.get("base") else dataset
+    ranks = chain["ranks"]
+    if len(ranks) > MAX_SHARES:
+        raise ValueError(f"a chain of {len(ranks)} ranks (at most {MAX_SHARES})")
+    shares = _ordered(source).streaming_split(len(ranks), equal=equal)
+    task = ray.remote(_rest_of_share).options(num_cpus=0, num_returns=2)
+    parts = [task.remote(shares[r], ranks[r]["rows"]) for r in range(len(ranks))]
+    counts = ray.get([count for count, _ in parts])
+    tables = [table for (_, table), n in zip(parts, counts) if n]
+    return data.from_arrow_refs(tables) if tables else data.from_items([])
+
+
 def split_datasets(datasets: Mapping[str, Any], world_size: int, config: DataConfig,
-                   node_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+                   node_ids: Iterable[str] | None = None,
+                   positions: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One ``{name: DataIterator}`` per rank: split datasets streamed in disjoint shares, the
-    others whole. Called at every start of the group, with its current size."""
+    others whole; the training dataset's as ``TrainingData``, going on from ``positions`` (a
+    Ray Data shard's chain, session/positions.py). Called at every start of the group, with
+    its current size."""
     names = set(datasets)
     split = names if config.datasets_to_split == "all" else set(config.datasets_to_split)
     unknown = split - names
@@ -163,8 +242,11 @@ def split_datasets(datasets: Mapping[str, Any], world_size: int, config: DataCon
             f"DataConfig.datasets_to_split names {sorted(unknown)}, which are not in datasets "
             f"({sorted(names)})")
     hints = list(node_ids) if node_ids is not None else None
+    training = training_dataset(datasets, config)
     shards: list[dict[str, Any]] = [{} for _ in range(world_size)]
     for name, dataset in datasets.items():
+        if name == training:
+            dataset = _ordered(dataset)
         if name in split:
             iterators = dataset.streaming_split(world_size, equal=config.equal,
                                                 locality_hints=hints)
@@ -172,4 +254,33 @@ def split_datasets(datasets: Mapping[str, Any], world_size: int, config: DataCon
             iterators = [dataset.iterator() for _ in range(world_size)]
         for rank, iterator in enumerate(iterators):
             shards[rank][name] = iterator
+        if name == training:
+            try:
+                continuations = _continuations(dataset, iterators, positions, config.equal)
+            except Exception as error:  # noqa: BLE001 - the pass can always start over
+                logging.getLogger("prefect_distrain").warning(
+                    "The interrupted pass of %r can't go on from the checkpoint's data "
+                    "positions (%s: %s): it starts from its beginning", name,
+                    type(error).__name__, str(error)[:300])
+                continuations = _continuations(dataset, iterators, None, config.equal)
+            for rank, data in enumerate(continuations):
+                shards[rank][name] = data
     return shards
+
+
+def _continuations(dataset: Any, iterators: list[Any], chain: dict[str, Any] | None,
+                   equal: bool) -> list[TrainingData]:
+    """Each rank's ``TrainingData``: with a chain, where the pass it stopped in goes on."""
+    world = len(iterators)
+    if not chain or not (chain.get("base") or any(p["rows"] for p in chain["ranks"].values())):
+        epoch = chain["ranks"][0]["epoch"] if chain else 0
+        return [TrainingData(it, world, epoch) for it in iterators]
+    epoch = chain["ranks"][0]["epoch"]
+    if len(chain["ranks"]) == world:  # the same shares: each rank skips what it consumed
+        base = chain.get("base")
+        continued = _ordered(rest_of_pass(dataset, base, equal)).streaming_split(
+            world, equal=equal) if base else [None] * world
+        return [TrainingData(it, world, epoch, chain["ranks"][r]["rows"], continued[r], base)
+                for r, it in enumerate(iterators)]
+    rest = _ordered(rest_of_pass(dataset, chain, equal)).streaming_split(world, equal=equal)
+    return [TrainingData(it, world, epoch, 0, rest[r], chain) for r, it in enumerate(iterators)]

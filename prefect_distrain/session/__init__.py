@@ -9,8 +9,8 @@ def train_loop(config):
     pd.report({"loss": loss}, checkpoint=pd.Checkpoint.from_directory(folder))
 ```
 The session room: ``core`` (reports and the driver's answers), ``uploader`` (checkpoint
-uploads), ``auto`` (``CheckpointConfig(mode="auto")``), ``context`` (ranks). Nothing here
-imports Prefect.
+uploads), ``auto`` (``CheckpointConfig(mode="auto")``), ``shard`` and ``positions`` (the
+training data's position), ``context`` (ranks). Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import threading
 from typing import Any, Mapping
 
 from ..checkpoints.checkpoint import Checkpoint
-from .auto import TrainingShard
+from ..integrations.data import TrainingData
 from .context import TrainContext, WorkerInfo
 from .core import Session
+from .shard import TrainingShard
 
 __all__ = ["Session", "TrainContext", "WorkerInfo", "current_session", "get_checkpoint",
            "get_context", "get_dataset_shard", "report", "set_current_session"]
@@ -83,8 +84,8 @@ def get_dataset_shard(name: str = "train") -> Any:
             f"no dataset {name!r} was given to this run (given: {given}): pass it with "
             f"train(..., datasets={{{name!r}: ray_dataset_or_url}})")
     shard = session.datasets[name]
-    if name == "train" and session.auto.enabled and session.auto.claim_training_loader():
-        session.datasets[name] = shard = TrainingShard(shard, session.auto)
+    if isinstance(shard, TrainingData):  # the training data: its position goes with reports
+        session.datasets[name] = shard = TrainingShard(shard, session)
     return shard
 
 

@@ -50,12 +50,12 @@ class Session:
                  iteration: int = 0, upload: str = "sync", datasets: dict[str, Any] | None = None,
                  checkpoint_mode: str = "manual", await_verdicts: bool = False,
                  progress_every_s: float | None = None, preemption_grace_s: float = 25.0,
-                 validates: bool = False):
+                 validates: bool = False, auto_every_n_batches: int | None = None):
         self.context = context
         #: Whether the run has a validation function (``report(..., validate=True)`` needs one).
         self.validates = validates
-        #: The training data loader (``pd.torch.prepare_data_loader``), whose position goes
-        #: with every report (session/positions.py).
+        #: The training data (``pd.torch.prepare_data_loader``'s loader or the training
+        #: dataset's shard), whose position goes with every report (session/positions.py).
         self.data_loader: Any = None
         self.storage = storage
         #: The checkpoint to resume from (``get_checkpoint()``), fixed while the function runs.
@@ -72,7 +72,8 @@ class Session:
         self.uploader = Uploader(
             storage, upload, rank, context.get_attempt(), self.outbox,
             self._wait_for_plan if rank > 0 and context.get_world_size() > 1 else None)
-        self.auto = AutoCheckpoints(checkpoint_mode == "auto", resume_from, rank, self.report)
+        self.auto = AutoCheckpoints(checkpoint_mode == "auto", resume_from, rank, self.report,
+                                    every_n_batches=auto_every_n_batches)
         self.last_report_time = time.time()
         #: Set by the driver when a callback stopped the run: the report numbered ``stop_at``
         #: (or the next one, if this rank is past it) ends the function.

@@ -1,5 +1,10 @@
 """Where each rank is in its training data, so that a resume continues mid-pass.
 
+Two kinds of position, one shape of chain. A torch loader's (below) and a Ray Data shard's
+(``{"epoch", "rows", "world_size"}``: the rows this rank's share of a pass consumed; the
+shares are the dataset's order split by ``streaming_split(equal=True)`` with
+``preserve_order``, the same for the same world size; data.py's ``rest_of_pass``).
+
 The training data loader (the first ``pd.torch.prepare_data_loader``, with a
 ``DistributedSampler``) tells every report where its rank is in the current pass: the epoch,
 the batches it consumed, and how the sampler orders the data (dataset size, world size, seed,
@@ -20,8 +25,31 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .auto import AUTO_BATCHES_KEY
+
 #: What orders the data: a resume applies positions only to a loader whose sampler matches.
 ORDER = ("size", "seed", "shuffle", "drop_last")
+
+
+def kind(chain: dict[str, Any]) -> str:
+    """"rows" (a Ray Data shard's positions) or "sampler" (a torch loader's)."""
+    return "rows" if "rows" in chain["ranks"][0] else "sampler"
+
+
+def own_positions(resume: Any, storage_url: str, wanted: str, auto: bool = False
+                  ) -> dict[str, Any] | None:
+    """The data positions a run continues from: those of its resume checkpoint if it is the
+    run's own (a warm start from another run begins its passes whole), of the ``wanted``
+    kind, and, in mode "auto", taken within a pass (one taken between passes replays them)."""
+    manifest = getattr(resume, "manifest", None)
+    chain = getattr(manifest, "data_positions", None)
+    if not chain or kind(chain) != wanted:
+        return None
+    if resume.path.rstrip("/").rsplit("/", 1)[0] != storage_url.rstrip("/"):
+        return None
+    if auto and not resume.metrics.get(AUTO_BATCHES_KEY):
+        return None
+    return chain
 
 
 def _order(position: dict[str, Any]) -> Any:
