@@ -37,6 +37,7 @@ from loops import (  # noqa: E402
     step_overhead_loop,
     validated_steps_loop,
 )
+from many_workers import SIZES, chart, measure  # noqa: E402
 
 import prefect_distrain as pd  # noqa: E402
 
@@ -308,6 +309,38 @@ class Bench:
             name = "linear 32->1" if hidden == 0 else f"MLP 32-{hidden}-{hidden}-1"
             self.figures[f"Scaling: step time, {name}"] = line
 
+    # -- many workers ------------------------------------------------------------------------
+
+    def many_workers(self, chart_path: str) -> None:
+        """The driver's CPU per report and per commit (a checkpoint with every report, less the
+        same reports without), and the iteration latency, for 2 to 64 workers reporting every
+        10 ms (many_workers.py); the chart goes to ``chart_path``."""
+        sizes = SIZES[:2] if self.quick else SIZES
+        reports = 50 if self.quick else 300
+        storage = os.path.join(self.workdir, "runs")
+        points = {}
+        for workers in sizes:
+            reports_only = measure(workers, reports, 0.01, None, storage)
+            with_commits = measure(workers, reports // 3, 0.01, 1, storage)
+            points[workers] = {**reports_only, "commit_cpu_ms": max(
+                0.0, with_commits["cpu_ms"] - reports_only["cpu_ms"])}
+        chart(points, chart_path)
+        largest = points[sizes[-1]]
+        per_worker = [points[w]["cpu_ms"] / w for w in sizes]
+        self.figures["Many workers: driver CPU per report (ms)"] = {
+            **{f"{w} workers": points[w]["cpu_ms"] for w in sizes},
+            "goal": "grows at most linearly",
+            "met": per_worker[-1] <= per_worker[0] * 1.1}
+        self.figures["Many workers: driver CPU per commit (ms)"] = {
+            f"{w} workers": points[w]["commit_cpu_ms"] for w in sizes}
+        self.figures["Many workers: iteration latency p99 past the first tenth (ms)"] = {
+            **{f"{w} workers": points[w]["latency_p99_steady_ms"] for w in sizes},
+            f"p99 of all at {sizes[-1]}": largest["latency_p99_ms"],
+            f"median at {sizes[-1]}": largest["latency_median_ms"],
+            f"growth at {sizes[-1]}": largest["latency_growth"],
+            "goal": f"<= 100 at {sizes[-1]}, no backlog",
+            "met": largest["latency_p99_steady_ms"] <= 100 and largest["latency_growth"] <= 1.5}
+
 
 def profile_upload(path: str, options: dict) -> list[str]:
     """Where an upload's time goes: cProfile of one sync persistence of the same file."""
@@ -390,6 +423,8 @@ def main() -> None:
         bench.recovery()
         bench.prefect_overhead()
         bench.scaling()
+        bench.many_workers(os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                        "many_workers.svg"))
     finally:
         moto.terminate()
         moto.wait(timeout=10)

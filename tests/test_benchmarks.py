@@ -26,6 +26,13 @@ def test_the_benchmark_runner_produces_every_figure(tmp_path):
                  "P2 step with report / without", "P3 stall async / sync, s3",
                  "P2d step with a 2 s validation per checkpoint / without",
                  "P3 stall async / sync, local", "P4 persistence / raw s3fs.put_file",
-                 "P5 recovery / P1b", "P6 pd.train in a flow - bare Trainer (s)"):
+                 "P5 recovery / P1b", "P6 pd.train in a flow - bare Trainer (s)",
+                 "P2e step with data positions / without",
+                 "Many workers: driver CPU per report (ms)",
+                 "Many workers: driver CPU per commit (ms)"):
         assert name in figures, name
     assert "| P1 ours / Ray Train |" in done.stdout
+    assert set(figures["Many workers: driver CPU per report (ms)"]) >= {"2 workers",
+                                                                       "8 workers"}
+    chart = (tmp_path / "many_workers.svg").read_text()
+    assert chart.startswith("<svg") and chart.count("<polyline") == 3

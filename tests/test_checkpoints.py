@@ -6,6 +6,7 @@ the Ray workers); the store's own suite also runs on memory://.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -23,7 +24,7 @@ import prefect_distrain as pd
 from prefect_distrain.checkpoints.lease import holder_identity
 from prefect_distrain.checkpoints.ledger import AttemptLedger
 from prefect_distrain.checkpoints.manager import CheckpointManager, best_first, retained, score
-from prefect_distrain.checkpoints.manifest import Manifest
+from prefect_distrain.checkpoints.manifest import FileEntry, Manifest
 from prefect_distrain.checkpoints.storage import RunStorage
 from prefect_distrain.execution.preflight import storage_preflight
 
@@ -82,6 +83,10 @@ def test_store_commit_protocol(any_storage, tmp_path):
         assert first["attempt"] == 0 and first["lease"] == 1 and first["status"] == "running"
         files = run.upload(source, index=1, attempt=0, rank=0)
         assert files["model.pt"].size == 7000 and files["opt/state.bin"].rank == 0
+        # Hashed while uploading: the same entries as hashing each file first.
+        assert files == {name: FileEntry(len(data), hashlib.sha256(data).hexdigest(), 0)
+                         for name, data in (("model.pt", b"weights" * 1000),
+                                            ("opt/state.bin", b"\x00\x01" * 10))}
         assert run.read_manifests() == ([], []), "uploaded but not committed: not a checkpoint"
         manifest = manager.commit(1, 0, {0: files}, {"loss": 0.5}, world_size=2,
                                   backend="torch")

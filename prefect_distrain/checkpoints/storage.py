@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -151,19 +152,21 @@ class RunStorage:
 
         Returns each uploaded file's size, sha256 and rank, for the manifest. Files go up in
         one ``fs.put`` call, which object stores run concurrently and in multipart; a transient
-        failure puts them all again (on a fresh filesystem), up to the retry policy.
+        failure puts them all again (on a fresh filesystem), up to the retry policy. The
+        hashes are computed while the files go up (hashlib releases the GIL), not before.
         """
-        files: dict[str, FileEntry] = {}
-        local_paths, remote_paths = [], []
+        relatives, local_paths, remote_paths = [], [], []
         target = self.path(checkpoint_dirname(index, attempt))
         skip = set(skip)
         for relative, path in local_files(local_dir):
             if relative in skip:
                 continue
-            size, sha256 = fsutil.file_digest(path)
-            files[relative] = FileEntry(size, sha256, rank)
+            relatives.append(relative)
             local_paths.append(path)
             remote_paths.append(f"{target}/{relative}")
+        hashing = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash")
+        digests = hashing.submit(lambda: [fsutil.file_digest(p) for p in local_paths])
+        hashing.shutdown(wait=False)
 
         def put(fresh: bool) -> None:
             fs, _ = self.filesystem(fresh)
@@ -180,7 +183,8 @@ class RunStorage:
                 f"uploading checkpoint {index} from rank {rank} to "
                 f"{fsutil.redact_url(self.run_url)} failed: {fsutil.brief(error)}", index=index,
                 rank=rank) from error
-        return files
+        return {relative: FileEntry(size, sha256, rank)
+                for relative, (size, sha256) in zip(relatives, digests.result(), strict=True)}
 
     def write_manifest(self, manifest: Manifest,
                        on_retry: Callable[[], None] | None = None) -> None:

@@ -171,8 +171,12 @@ class Iterations:
     def stranded(self, finished: dict[int, int]) -> UnequalReportsError | None:
         """The error for an iteration that can never complete while a rank waits in its report
         (for the checkpoint's commit or the stop verdict): a rank whose function returned never
-        reported it."""
-        for iteration in sorted(self.pending):
+        reported it. Only iterations past a finished rank's last can be stranded: the others
+        are not looked at (with many ranks, many iterations wait for the slowest one)."""
+        floor = min(finished.values(), default=None)
+        if floor is None:
+            return None
+        for iteration in sorted(i for i in self.pending if i > floor):
             gone = sorted(r for r, last in finished.items() if last < iteration)
             reports = self.pending[iteration]
             if gone and self.callbacks.stop_reason is not None:

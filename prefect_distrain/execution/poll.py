@@ -200,9 +200,9 @@ def poll_workers(group: Any, generators: list, iterations: Iterations, commits: 
                         if gather_deadline is None:
                             gather_deadline = (time.monotonic()
                                                + settings.settings().error_gather_timeout_s)
-            if finished and not errors and watch.preempted is None \
-                    and (stranded := iterations.stranded(finished)):
-                raise stranded
+        if finished and not errors and watch.preempted is None \
+                and (stranded := iterations.stranded(finished)):
+            raise stranded
         committed = commits.last_committed
         if not errors and should_resize is not None and committed is not None \
                 and committed != looked_after:
