@@ -245,26 +245,25 @@ def split_datasets(datasets: Mapping[str, Any], world_size: int, config: DataCon
     training = training_dataset(datasets, config)
     shards: list[dict[str, Any]] = [{} for _ in range(world_size)]
     for name, dataset in datasets.items():
-        if name == training:
+        if name not in split:
+            shares: list[Any] = [dataset.iterator() for _ in range(world_size)]
+        elif name != training:
+            shares = dataset.streaming_split(world_size, equal=config.equal,
+                                             locality_hints=hints)
+        else:
             dataset = _ordered(dataset)
-        if name in split:
             iterators = dataset.streaming_split(world_size, equal=config.equal,
                                                 locality_hints=hints)
-        else:
-            iterators = [dataset.iterator() for _ in range(world_size)]
-        for rank, iterator in enumerate(iterators):
-            shards[rank][name] = iterator
-        if name == training:
             try:
-                continuations = _continuations(dataset, iterators, positions, config.equal)
+                shares = _continuations(dataset, iterators, positions, config.equal)
             except Exception as error:  # noqa: BLE001 - the pass can always start over
                 logging.getLogger("prefect_distrain").warning(
                     "The interrupted pass of %r can't go on from the checkpoint's data "
                     "positions (%s: %s): it starts from its beginning", name,
                     type(error).__name__, str(error)[:300])
-                continuations = _continuations(dataset, iterators, None, config.equal)
-            for rank, data in enumerate(continuations):
-                shards[rank][name] = data
+                shares = _continuations(dataset, iterators, None, config.equal)
+        for rank, share in enumerate(shares):
+            shards[rank][name] = share
     return shards
 
 

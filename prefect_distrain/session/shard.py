@@ -75,19 +75,17 @@ class TrainingShard:
         session = current_session()  # each batch is progress, for the hang detection
         for batch in batches:
             n = 1 if rows else _rows(batch)
-            if n is None:
-                self._tracked = False
-                n = 0
+            if n is None:  # rows that can't be counted can't be skipped either
+                self._tracked, n, skip = False, 0, 0
             if session is not None:
                 session.step()
+            self._batches += 1
             if skip:  # consumed before the restart
                 if n <= skip:
                     skip -= n
-                    self._batches += 1
                     continue
                 batch, n, skip = _tail(batch, skip), n - skip, 0
             self._rows += n
-            self._batches += 1
             yield batch
             if replay:  # a pass done before the restart (mode "auto"): one batch, undone later
                 return
