@@ -22,6 +22,16 @@ def cluster():
         yield both
 
 
+class AfterCommit(NodeChanges):
+    """NodeChanges keyed on the index of a committed checkpoint, not on a report."""
+
+    def handle_result(self, results, training_iteration, **info):
+        pass
+
+    def on_checkpoint_commit(self, checkpoint, **info):
+        NodeChanges.handle_result(self, [], info["index"])
+
+
 @pytest.mark.parametrize("source", ["loader", "ray"])
 def test_a_node_lost_mid_pass_goes_on_with_fewer_workers_from_the_exact_position(
         cluster, tmp_path, source):
@@ -34,8 +44,9 @@ def test_a_node_lost_mid_pass_goes_on_with_fewer_workers_from_the_exact_position
         opened.touch()
 
     # 96 ids, 4 ranks, batches of 4: 6 batches a pass, a checkpoint every 2. Checkpoint 4 is
-    # pass 1's after its 2nd batch; the ranks then wait until the node is gone.
-    changes = NodeChanges({4: remove_node})
+    # pass 1's after its 2nd batch; once it is committed (rank 0 may be on the node that goes)
+    # the node goes, while the ranks wait before their next batch.
+    changes = AfterCommit({4: remove_node})
     epochs = 3 if source == "loader" else 2  # the pass after the resumed one, on 2 workers
     config = {"epochs": epochs, "log": str(logs), "every": 2, "source": source,
               "gate": [1, 2, str(opened)]}
