@@ -48,6 +48,11 @@ class DistrainSettings(BaseSettings):
         default=0.0, ge=0, description="Links in Prefect's artifacts to checkpoints in object "
         "storage: 0 shows the path as text; more makes a presigned HTTPS link (S3, GCS) valid "
         "this long, which anyone holding it can download with until then.")
+    warm_pool_idle_s: float = Field(
+        default=30.0, ge=0, description="How long a worker group left by a finished train stays "
+        "warm for the next train (or sweep trial) of the same flow run with the same backend and "
+        "scaling, which then starts in a fraction of a second; 0 keeps none. It holds its "
+        "workers' resources meanwhile, and ends at once when a run of this process needs them.")
     allow_autoscaling: bool = Field(
         default=False, description="Skip the 'can this cluster ever hold the group' check, "
                                    "for clusters with an autoscaler.")
@@ -59,3 +64,4 @@ def settings() -> DistrainSettings:
 
 PLACEMENT_GROUP_TIMEOUT_ENV = f"{PREFIX}PLACEMENT_GROUP_TIMEOUT_S"
 ALLOW_AUTOSCALING_ENV = f"{PREFIX}ALLOW_AUTOSCALING"
+WARM_POOL_IDLE_ENV = f"{PREFIX}WARM_POOL_IDLE_S"

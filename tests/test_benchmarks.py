@@ -28,6 +28,7 @@ def test_the_benchmark_runner_produces_every_figure(tmp_path):
                  "P3 stall async / sync, local", "P4 persistence / raw s3fs.put_file",
                  "P5 recovery / P1b", "P6 pd.train in a flow - bare Trainer (s)",
                  "P2e step with data positions / without",
+                 "P1c second train in a flow, time to first step (s)",
                  "Many workers: driver CPU per report (ms)",
                  "Many workers: driver CPU per commit (ms)"):
         assert name in figures, name

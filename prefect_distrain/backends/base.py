@@ -50,6 +50,9 @@ class BackendConfig:
 
     name: ClassVar[str] = ""
     backend_cls: ClassVar[type[Backend]] = Backend
+    #: Whether ``on_shutdown`` then ``on_start`` on the same processes gives a clean runtime,
+    #: so that a finished run's group can serve the next one (warm_pool.py).
+    reusable: ClassVar[bool] = True
 
     def make_backend(self) -> Backend:
         return self.backend_cls()

@@ -1,8 +1,11 @@
 """PyTorch DDP: every rank joins one process group (gloo on CPU, nccl on GPU).
 
-Rank 0 picks its address and a free port; every rank gets MASTER_ADDR / MASTER_PORT, RANK,
-WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and NODE_RANK (what torchrun would set, so code written
-for torchrun works) and all ranks call ``init_process_group`` at once.
+Rank 0 opens the rendezvous store (a TCPStore listening on a port the kernel picks), then every
+rank gets MASTER_ADDR / MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and NODE_RANK
+(what torchrun would set, so code written for torchrun works) and all ranks call
+``init_process_group`` on that store at once. The store listens before any rank connects: a
+rank that connects too early would back off for up to a second (torch's retry), and a port
+picked first and bound later could be taken meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import settings
-from .base import Backend, BackendConfig, address_and_free_port, error_type
+from .base import Backend, BackendConfig, error_type
 
 if TYPE_CHECKING:
     from ..execution.worker_group import WorkerGroup
@@ -22,6 +25,8 @@ _INSTALL_HINT = "pip install 'prefect-distrain[torch]'"
 
 #: The CUDA device index of this worker within its CUDA_VISIBLE_DEVICES, or None on CPU.
 _cuda_device_index: int | None = None
+#: On rank 0, between ``_open_store`` and ``_join_process_group``: the rendezvous store.
+_store = None
 
 
 def import_torch():
@@ -48,7 +53,7 @@ class _TorchBackend(Backend):
             gpus_by_node = {k: sorted(v, key=lambda g: (len(g), g))
                             for k, v in gpus_by_node.items()}
             worker_group.execute(_share_node_gpus, gpus_by_node, timeout=timeout)
-        address, port = worker_group.execute_single(0, address_and_free_port, timeout=timeout)
+        address, port = worker_group.execute(_open_store, config.timeout_s, timeout=timeout)[0]
         worker_group.execute(_join_process_group, address, port,
                              config.process_group_backend(use_gpu), config.timeout_s,
                              timeout=timeout)
@@ -119,13 +124,37 @@ def _share_node_gpus(gpus_by_node: dict[str, list[str]]) -> None:
     _cuda_device_index = node_gpus.index(own[0]) if own else None
 
 
+def _open_store(timeout_s: float) -> tuple[str, int] | None:
+    """Every rank imports torch (at once, not one after the other); rank 0 opens the group's
+    rendezvous store, listening on a free port, and returns its address."""
+    import ray
+
+    from ..session.context import get_worker_info
+
+    global _store
+    import_torch()
+    import torch.distributed as dist
+
+    if get_worker_info().world_rank != 0:
+        return None
+    address = ray.util.get_node_ip_address()
+    _store = dist.TCPStore(address, 0, None, True, timedelta(seconds=timeout_s),
+                           wait_for_workers=False)
+    return address, _store.port
+
+
 def _join_process_group(master_addr: str, master_port: int, backend: str, timeout_s: float) -> None:
     from ..session.context import get_worker_info, set_any_rank
 
+    global _store
     torch = import_torch()
     import torch.distributed as dist
 
     info = get_worker_info()
+    store, _store = _store, None  # rank 0's own; the others connect to it
+    if store is None:
+        store = dist.TCPStore(master_addr, master_port, None, False,
+                              timedelta(seconds=timeout_s))
     os.environ.update({
         "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
         "RANK": str(info.world_rank), "WORLD_SIZE": str(info.world_size),
@@ -136,7 +165,7 @@ def _join_process_group(master_addr: str, master_port: int, backend: str, timeou
         torch.cuda.set_device(_cuda_device_index)
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group(backend=backend, init_method="env://", rank=info.world_rank,
+    dist.init_process_group(backend=backend, store=store, rank=info.world_rank,
                             world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
     set_any_rank(_any_rank)
 

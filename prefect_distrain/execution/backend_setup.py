@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from .. import settings
 from ..backends import BackendConfig
 from .worker_group import WorkerGroup
 
@@ -34,6 +35,13 @@ class BackendSetup:
 
     def is_runtime_failure(self, error: BaseException) -> bool:
         return self.backend.is_runtime_failure(error)
+
+    def group_rests(self, group: WorkerGroup) -> None:
+        """After a clean run, for a group kept warm for the next run (warm_pool.py): leave the
+        framework's runtime and put every worker back as it started. Raises if either fails
+        (the group then ends instead); the next run's ``group_started`` sets it up anew."""
+        self.backend.on_shutdown(group, self.config)
+        group.rest(settings.settings().shutdown_timeout_s)
 
     def group_ends(self, group: WorkerGroup | None, graceful: bool) -> None:
         """Before the group's actors are killed: a graceful shutdown after a clean run (its

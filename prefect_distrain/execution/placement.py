@@ -14,6 +14,7 @@ import time
 from .. import settings
 from ..config import ScalingConfig
 from ..exceptions import ResourcesUnavailableError
+from . import warm_pool
 from .backend_setup import BackendSetup
 from .cluster import capacity_now
 from .worker_group import WorkerGroup
@@ -25,24 +26,32 @@ _RELEASE_WAIT_S = 10.0
 
 def start_group(scaling: ScalingConfig, backend: BackendSetup,
                 logger: logging.Logger | logging.LoggerAdapter,
-                expect_full: bool = False) -> WorkerGroup:
+                expect_full: bool = False, warm_key: tuple | None = None) -> WorkerGroup:
     """As many workers as the cluster holds now, up to ``num_workers`` and at least
     ``min_workers`` (``num_workers`` if not elastic); waits with a doubling, logged backoff
     while it holds fewer, up to PREFECT_DISTRAIN_PLACEMENT_GROUP_TIMEOUT_S.
 
     ``expect_full``: the cluster was just seen to hold the full group (a scale-up); give
-    Ray a moment to release the old group's resources before settling for fewer.
+    Ray a moment to release the old group's resources before settling for fewer (so too after
+    ending idle warm groups for room).
+
+    ``warm_key``: take a warm group left under this key (warm_pool.py) when there is one, at
+    every look; idle warm groups of other keys end when the cluster lacks room.
     """
     wanted, least = scaling.num_workers, scaling.least_workers
-    settle = time.monotonic() + (_RELEASE_WAIT_S if expect_full else 0.0)
-    while capacity_now(scaling) < wanted and time.monotonic() < settle:
-        time.sleep(0.2)
+    if expect_full:
+        _wait_for_room(scaling, wanted)
     timeout = settings.settings().placement_group_timeout_s
     deadline = time.monotonic() + timeout
     delay = 1.0
     while True:
+        if warm_key is not None and (warm := _take_warm(warm_key, backend, logger)) is not None:
+            return warm
         began = time.monotonic()
         size = min(wanted, capacity_now(scaling))
+        if size < wanted and warm_pool.drain():  # this process's idle warm groups give way
+            _wait_for_room(scaling, wanted)
+            size = min(wanted, capacity_now(scaling))
         if size >= least:
             group = WorkerGroup(scaling, size, env=backend.worker_env())
             try:
@@ -70,3 +79,28 @@ def start_group(scaling: ScalingConfig, backend: BackendSetup,
             "looking again in %.0f s", max(size, 0), least, min(delay, remaining))
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, settings.settings().backoff_max_s)
+
+
+def _wait_for_room(scaling: ScalingConfig, wanted: int) -> None:
+    """Give Ray a moment to release the resources of actors just ended."""
+    settle = time.monotonic() + _RELEASE_WAIT_S
+    while capacity_now(scaling) < wanted and time.monotonic() < settle:
+        time.sleep(0.2)
+
+
+def _take_warm(key: tuple, backend: BackendSetup,
+               logger: logging.Logger | logging.LoggerAdapter) -> WorkerGroup | None:
+    """A warm group left under ``key`` with the backend set up anew; one that does not answer
+    ends and the next is tried. None when there is none."""
+    while (warm := warm_pool.take(key)) is not None:
+        try:
+            backend.group_started(warm.group)
+        except Exception as error:  # noqa: BLE001 - a dead group ends; a fresh one starts
+            logger.info("A warm worker group could not be reused (%s)", error)
+            warm_pool.end(warm)
+            continue
+        warm.ray.close()  # the taker holds its own connection to the same Ray
+        logger.info("Took the %d warm %s worker(s) an earlier run left", len(warm.group),
+                    backend.name)
+        return warm.group
+    return None

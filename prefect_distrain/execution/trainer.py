@@ -34,6 +34,7 @@ from ..integrations.data_fingerprint import changes, fingerprints
 from ..logs import WorkerLogs
 from ..result import RunReport, TrainResult
 from ..session.positions import own_positions
+from . import warm_pool
 from .backend_setup import BackendSetup
 from .cluster import (
     capacity_now,
@@ -66,6 +67,11 @@ class Trainer:
     after an infrastructure failure as the failure policy decides; ``shutdown()`` (or leaving a
     ``with`` block) tears the backend down, kills the workers and leaves Ray as it was found.
     ``train`` (the Prefect task) is this, plus what Prefect shows.
+
+    ``keep_warm``: ``shutdown()`` after a clean run leaves the group warm (warm_pool.py) for
+    the next ``Trainer(keep_warm=True)`` of this process with the same backend, scaling and
+    Ray options, whose start then takes it in a fraction of a second; ``train`` does this
+    within a flow run, whose end ends the group.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class Trainer:
         ray_init_kwargs: dict[str, Any] | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         progress_bar: bool | None = None,
+        keep_warm: bool = False,
     ):
         self.backend_config = resolve_backend(backend)
         if scaling is not None:
@@ -136,6 +143,9 @@ class Trainer:
         self.backend = BackendSetup(self.backend_config, self.logger)
         self._ray: contextlib.ExitStack | None = None
         self._ray_finalizer: weakref.finalize | None = None
+        self.keep_warm = keep_warm
+        #: The flow run whose end ends the group this trainer leaves warm (set by ``train``).
+        self.warm_owner: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -165,10 +175,40 @@ class Trainer:
             if not self._cluster_checked:
                 check_cluster_can_hold(self.scaling)
                 self._cluster_checked = True
-            self._group = start_group(self.scaling, self.backend, self.logger, expect_full)
+            self._group = start_group(self.scaling, self.backend, self.logger, expect_full,
+                                      warm_key=self._warm_key() if self.keep_warm else None)
         except BaseException:
             self._release_ray()
             raise
+
+    def _warm_key(self) -> tuple:
+        """What must match for a warm group to serve this trainer: everything that shaped its
+        workers (the runtime_env among the Ray options)."""
+        return (type(self.backend_config), repr(self.backend_config), repr(self.scaling),
+                self.ray_address, repr(sorted((self.ray_init_kwargs or {}).items())))
+
+    def _leave_warm(self, group: WorkerGroup | LocalGroup | None) -> bool:
+        """After a clean run: leave the group warm for the next run (warm_pool.py), if this
+        trainer keeps groups warm and the group can serve one; False otherwise."""
+        idle_s = settings.settings().warm_pool_idle_s
+        if not (self.keep_warm and idle_s > 0 and isinstance(group, WorkerGroup)
+                and group.started and len(group) == self.scaling.num_workers
+                and self.backend_config.reusable and self._ray is not None
+                # a run's concurrency slots stand for its workers: none are held while idle
+                and self.scaling.concurrency_limit is None):
+            return False
+        try:
+            self.backend.group_rests(group)
+        except Exception as error:  # noqa: BLE001 - it ends instead, as without a pool
+            self.logger.info("The worker group is not kept warm (%s)", error)
+            return False
+        stack, self._ray = self._ray, None
+        if self._ray_finalizer is not None:
+            self._ray_finalizer.detach()
+            self._ray_finalizer = None
+        warm_pool.give(warm_pool.WarmGroup(self._warm_key(), group, stack, self.warm_owner),
+                       idle_s)
+        return True
 
     def _discard_group(self) -> None:
         """After a failure: the actors are killed, not shut down gracefully."""
@@ -176,8 +216,11 @@ class Trainer:
         self.backend.group_ends(group, graceful=False)
 
     def shutdown(self) -> None:
-        """Tear down the backend, kill the workers and leave Ray as it was found."""
+        """Tear down the backend, kill the workers and leave Ray as it was found (or, with
+        ``keep_warm``, leave the group warm for the next run)."""
         group, self._group = self._group, None
+        if self._leave_warm(group):
+            return
         try:
             self.backend.group_ends(group, graceful=True)
         finally:

@@ -10,6 +10,7 @@ SIGTERM: a preemption (see ``_on_sigterm``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import queue
 import signal
@@ -45,6 +46,9 @@ class TrainWorker:
         # Ray creates an actor on its process's main thread: the only one that may set a
         # signal handler. Ray's own (exit at once) is kept for a second SIGTERM.
         self._ray_sigterm: Any = None
+        #: What a warm worker goes back to between runs (``rest``): the environment it started
+        #: with, before any backend or training function changed it.
+        self._env_at_start = dict(os.environ)
         if not in_process and threading.current_thread() is threading.main_thread():
             self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -74,6 +78,17 @@ class TrainWorker:
 
     def set_info(self, info: WorkerInfo) -> None:
         set_worker_info(info)
+
+    def rest(self) -> int:
+        """Between two runs of a warm group (warm_pool.py): no session, and the environment
+        the process started with (a backend sets its own again at the next start); its pid."""
+        self.session = None
+        set_current_session(None)
+        for key in set(os.environ) - set(self._env_at_start):
+            del os.environ[key]
+        os.environ.update(self._env_at_start)
+        gc.collect()  # the last run's model, optimizer and data go now, not during the next
+        return os.getpid()
 
     def execute(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)

@@ -169,6 +169,10 @@ class WorkerGroup:
         return [m.actor.run.remote(fn_blob, pass_config, config, args)
                 for m, args in zip(self.members, session_args)]
 
+    def rest(self, timeout: float) -> list[int]:
+        """Every worker back to its state at start, between two runs (worker.py); the pids."""
+        return ray.get([m.actor.rest.remote() for m in self.members], timeout=timeout)
+
     def shutdown(self) -> None:
         """Kill every actor and free the placement group. Safe to call twice."""
         for member in self.members:

@@ -17,7 +17,9 @@ def retrain():
                       scaling=pd.ScalingConfig(num_workers=2))
     return result.metrics
 ```
-The task holds no state of its own: everything lives in the Trainer it builds and shuts down.
+The task holds no state of its own: everything lives in the Trainer it builds and shuts down,
+except that within a flow run the worker group stays warm for the flow's next ``train`` with the
+same backend and scaling (warm_pool.py), until the flow run ends.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..callbacks import TrainingCallback, callback_list
 from ..checkpoints.checkpoint import Checkpoint
 from ..config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, run_name_part
 from ..exceptions import ConfigurationError
+from ..execution import warm_pool
 from ..execution.failure_policy import is_retryable
 from ..execution.trainer import Trainer
 from ..integrations.data import DataConfig
@@ -148,6 +151,28 @@ def _quiet_outside_flows(context: TaskRunContext | None) -> None:
             handler.addFilter(_quiet)
 
 
+def _end_warm_groups_with_flow_run() -> str | None:
+    """Within a flow run, a finished ``train`` leaves its worker group warm for the next one
+    (warm_pool.py) until the flow run ends: a hook on the flow (once) ends the groups its runs
+    left. The flow run's id; None outside a flow run (nothing is kept warm)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow is None:
+        return None
+    flow = context.flow
+    for hooks in (flow.on_completion_hooks, flow.on_failure_hooks, flow.on_cancellation_hooks,
+                  flow.on_crashed_hooks):
+        if end_warm_worker_groups not in hooks:
+            hooks.append(end_warm_worker_groups)
+    return str(context.flow_run.id)
+
+
+def end_warm_worker_groups(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook: the worker groups that this flow run's ``train`` calls left warm end."""
+    warm_pool.drain(owner=str(flow_run.id))
+
+
 def _is_prefect_retry() -> bool:
     from prefect.runtime import flow_run, task_run
 
@@ -204,9 +229,11 @@ def train(
         resume_from_checkpoint = "latest"
     if ray_cluster is not None:
         ray_address, ray_init_kwargs = ray_cluster.ray_init_arguments()
+    owner = _end_warm_groups_with_flow_run()
     trainer = Trainer(backend, scaling=scaling or ScalingConfig(), run=run, checkpoint=checkpoint,
                       failure=failure, ray_address=ray_address, ray_init_kwargs=ray_init_kwargs,
-                      logger=logger)
+                      logger=logger, keep_warm=owner is not None)
+    trainer.warm_owner = owner
     context = TaskRunContext.get()
     _quiet_outside_flows(context)
     if context is not None:  # the run's lease names this task run: its retries take it over

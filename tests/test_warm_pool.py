@@ -1,0 +1,116 @@
+"""Worker groups kept warm between runs (warm_pool.py): a flow's second ``train`` with the same
+backend and scaling takes the first one's workers, with a new process group, no session and
+none of the first run's environment; anything else starts its own, and the flow's end (or the
+idle timeout) ends them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from conftest import assert_no_train_actors, live_train_actors
+from prefect import flow
+
+import prefect_distrain as pd
+from prefect_distrain.execution import warm_pool
+
+pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_server")
+
+
+def state_loop(config):
+    """What a run finds in its worker process, then leaves something behind for the next."""
+    import torch
+    import torch.distributed as dist
+
+    ctx = pd.get_context()
+    total = torch.tensor([float(ctx.get_world_rank() + 1)])
+    dist.all_reduce(total)
+    found = {"pid": os.getpid(), "leak": os.environ.get("WARM_POOL_LEAK"),
+             "master_port": os.environ["MASTER_PORT"], "world": dist.get_world_size(),
+             "rank": dist.get_rank(), "sum": total.item(), "rank_env": os.environ["RANK"],
+             "checkpoint": pd.get_checkpoint() is not None}
+    pd.report({"step": 1})
+    os.environ["WARM_POOL_LEAK"] = "left by the previous run"
+    if config.get("fail"):
+        raise ValueError("this run fails")
+    return found
+
+
+def test_a_second_train_in_a_flow_takes_the_first_ones_workers_clean(tmp_path):
+    run = {"storage": str(tmp_path)}
+
+    @flow
+    def two_trains():
+        first = pd.train(state_loop, config={}, scaling=pd.ScalingConfig(num_workers=2),
+                         run=pd.RunConfig(name="first", **run))
+        left = warm_pool.idle_groups()
+        second = pd.train(state_loop, config={}, scaling=pd.ScalingConfig(num_workers=2),
+                          run=pd.RunConfig(name="second", **run))
+        other = pd.train(state_loop, config={}, scaling=pd.ScalingConfig(num_workers=3),
+                         run=pd.RunConfig(name="three", **run))
+        return first.worker_results, left, second.worker_results, other.worker_results, \
+            warm_pool.idle_groups()
+
+    first, left, second, other, idle_at_end = two_trains()
+    assert left == 1
+    assert [r["pid"] for r in second] == [r["pid"] for r in first]  # the same processes
+    for run in (first, second):
+        assert [r["rank"] for r in run] == [0, 1] and [r["rank_env"] for r in run] == ["0", "1"]
+        assert [r["sum"] for r in run] == [3.0, 3.0] and {r["world"] for r in run} == {2}
+        assert [r["leak"] for r in run] == [None, None]  # the first run's variable is gone
+        assert not any(r["checkpoint"] for r in run)
+    assert {r["master_port"] for r in second} != {r["master_port"] for r in first}
+    # Another scaling starts its own group; the idle one gave way (4 CPUs hold 2 + 3 no more).
+    assert not {r["pid"] for r in other} & {r["pid"] for r in first}
+    assert [r["sum"] for r in other] == [6.0] * 3
+    assert idle_at_end == 1  # the 3-worker group, until the flow ends
+    assert warm_pool.idle_groups() == 0
+    assert_no_train_actors()
+
+
+def test_a_failed_run_leaves_no_group_and_a_trainer_outside_flows_keeps_none(tmp_path):
+    @flow
+    def failing_then_ok():
+        failed = pd.train(state_loop, config={"fail": True},
+                          scaling=pd.ScalingConfig(num_workers=2),
+                          run=pd.RunConfig(name="fails", storage=str(tmp_path)),
+                          return_state=True)
+        left = warm_pool.idle_groups()
+        ok = pd.train(state_loop, config={}, scaling=pd.ScalingConfig(num_workers=2),
+                      run=pd.RunConfig(name="ok", storage=str(tmp_path)))
+        return failed.is_failed(), left, ok.worker_results
+
+    failed, left, ok = failing_then_ok()
+    assert failed and left == 0
+    assert [r["leak"] for r in ok] == [None, None]
+    assert_no_train_actors()
+
+    # Outside a flow, train keeps nothing warm.
+    pd.train(state_loop, config={}, scaling=pd.ScalingConfig(num_workers=2),
+             run=pd.RunConfig(name="bare", storage=str(tmp_path)))
+    assert warm_pool.idle_groups() == 0
+    assert_no_train_actors()
+
+
+def test_only_the_same_backend_config_takes_a_group_and_idle_groups_end(tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setenv("PREFECT_DISTRAIN_WARM_POOL_IDLE_S", "5")
+
+    def pids(backend, name):
+        with pd.Trainer(backend, num_workers=2, keep_warm=True,
+                        run=pd.RunConfig(name=name, storage=str(tmp_path))) as trainer:
+            return [r["pid"] for r in trainer.run(state_loop, config={})]
+
+    first = pids("torch", "a")
+    other = pids(pd.TorchConfig(timeout_s=600), "b")  # another backend config: its own group
+    assert not set(first) & set(other)
+    again = pids(pd.TorchConfig(timeout_s=600), "c")
+    assert again == other
+    assert warm_pool.idle_groups() >= 1  # 4 CPUs hold both: each waits out its idle time
+    deadline = time.monotonic() + 30
+    while warm_pool.idle_groups() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert warm_pool.idle_groups() == 0
+    assert_no_train_actors()
+    assert live_train_actors() == []
