@@ -6,6 +6,9 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed
 QUICKSTART_INSTALLED := $(VENV)/.installed-quickstart
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# Prefect's ephemeral API migrates a fresh database first: on a small machine that takes longer
+# than its 20 s default to answer (measured 25-40 s on 2 cores).
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: install quickstart test lint docs bench
 

@@ -21,6 +21,23 @@ def _api(name: str):
     return train, train_torch
 
 
+def _returned(train, value: dict) -> dict:
+    """The loop's figures: returned (ours) and, under Ray Train (which gives no return values
+    back; its result's metrics are those of its latest checkpoint), reported with a last tiny
+    checkpoint of rank 0's."""
+    if train.__name__ == "ray.train":
+        import shutil
+
+        folder = tempfile.mkdtemp()
+        with open(os.path.join(folder, "figures.txt"), "w") as handle:
+            handle.write(str(value))
+        rank = train.get_context().get_world_rank()
+        train.report({"returned": value},
+                     checkpoint=train.Checkpoint.from_directory(folder) if rank == 0 else None)
+        shutil.rmtree(folder, ignore_errors=True)
+    return value
+
+
 def _model(hidden: int):
     import torch
 
@@ -58,12 +75,14 @@ def bench_loop(config):
 
 
 def step_overhead_loop(config):
-    """Median DDP step time without reports, then with ``report`` every step, same processes."""
+    """Median DDP step time without reports, then with ``report`` every step, same processes
+    (``config["api"]``: "pd" or "ray")."""
     import torch
 
     import prefect_distrain as pd
 
-    model = pd.torch.prepare_model(_model(config.get("hidden", 0)))
+    train, train_torch = _api(config.get("api", "pd"))
+    model = train_torch.prepare_model(_model(config.get("hidden", 0)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, 32), torch.randn(64, 1)
     # With "loader": each step takes its batch from a prepared loader (counted as progress;
@@ -95,40 +114,112 @@ def step_overhead_loop(config):
     timings: dict[str, list[float]] = {kind: [] for kind in kinds}
     for round_ in range(config["rounds"]):  # interleaved, so drift hits both alike
         for kind in kinds:
-            tracked = session.data_loader
+            tracked = session.data_loader if session is not None else None
             if kind == "untracked":
                 session.data_loader = None
             for i in range(config["steps"]):
                 began = time.perf_counter()
                 step()
                 if kind != "plain":
-                    pd.report({"step": i, "round": round_})
+                    train.report({"step": i, "round": round_})
                 timings[kind].append(time.perf_counter() - began)
-            session.data_loader = tracked
-    return {kind: statistics.median(values) for kind, values in timings.items()}
+            if session is not None:
+                session.data_loader = tracked
+    return _returned(train, {kind: statistics.median(values) for kind, values in timings.items()})
 
 
 def checkpoint_stall_loop(config):
     """How long ``report(checkpoint=...)`` blocks the loop, per checkpoint of ``mb`` MB of
-    state (rank 0's), with ``gap_s`` of 'training' between checkpoints."""
+    state (rank 0's), with ``gap_s`` of 'training' between checkpoints. With
+    ``config["api"] == "ray"``: Ray Train's report, its upload mode ``config["upload"]``."""
+    import shutil
+
     import torch
 
-    import prefect_distrain as pd
+    train, _ = _api(config.get("api", "pd"))
+    options = {}
+    if config.get("api") == "ray":
+        from ray.train import CheckpointUploadMode
 
-    rank = pd.get_context().get_world_rank()
+        options["checkpoint_upload_mode"] = CheckpointUploadMode.ASYNC \
+            if config.get("upload") == "async" else CheckpointUploadMode.SYNC
+    rank = train.get_context().get_world_rank()
     state = {"weights": torch.randn(config["mb"] * 1024 * 1024 // 4)}
     blocked = []
     for index in range(config["checkpoints"]):
         state["weights"][0] = index
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                torch.save(state, os.path.join(folder, "state.pt"))
-            began = time.perf_counter()
-            pd.report({"index": index},
-                      checkpoint=pd.Checkpoint.from_directory(folder) if rank == 0 else None)
-            blocked.append(time.perf_counter() - began)
+        folder = tempfile.mkdtemp()
+        if rank == 0:
+            torch.save(state, os.path.join(folder, "state.pt"))
+        began = time.perf_counter()
+        train.report({"index": index},
+                     checkpoint=train.Checkpoint.from_directory(folder) if rank == 0 else None,
+                     **options)
+        blocked.append(time.perf_counter() - began)
+        if rank != 0 or not (config.get("api") == "ray" and config.get("upload") == "async"):
+            shutil.rmtree(folder, ignore_errors=True)  # (Ray's async upload deletes its own)
         time.sleep(config["gap_s"])
-    return {"blocked": blocked}
+    return _returned(train, {"blocked": blocked})
+
+
+def sharded_upload_loop(config):
+    """Every rank saves its own shard (``mb`` / world size MB) into one sync checkpoint per
+    round; how long each report blocked (the upload of every rank's shard and the commit)."""
+    import torch
+
+    import prefect_distrain as pd
+
+    ctx = pd.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    shard = torch.randn(config["mb"] * 1024 * 1024 // 4 // world)
+    blocked = []
+    for index in range(config["checkpoints"]):
+        shard[0] = index
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"shard": shard}, os.path.join(folder, f"shard_{rank}.pt"))
+            began = time.perf_counter()
+            pd.report({"index": index}, checkpoint=pd.Checkpoint.from_directory(folder))
+            blocked.append(time.perf_counter() - began)
+    return {"blocked": blocked, "bytes": shard.numel() * 4}
+
+
+def memory_loop(config):
+    """Rank 0's peak RSS while a checkpoint of ``mb`` MB of state persists (sync: during the
+    report; async: during the report and the upload after it), less its RSS just before, with
+    the state in memory and saved to a file: the extra memory the persistence holds."""
+    import shutil
+    import threading
+
+    import psutil
+    import torch
+
+    import prefect_distrain as pd
+    from prefect_distrain.session import current_session
+
+    rank = pd.get_context().get_world_rank()
+    state = torch.randn(config["mb"] * 1024 * 1024 // 4)
+    folder = tempfile.mkdtemp()
+    if rank == 0:
+        torch.save({"weights": state}, os.path.join(folder, "state.pt"))
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        pd.report({"mb": config["mb"]},
+                  checkpoint=pd.Checkpoint.from_directory(folder) if rank == 0 else None)
+        current_session().uploader.wait()  # an async upload goes on after the report
+    finally:
+        done.set()
+        sampler.join()
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"extra_mb": (peak[0] - before) / 2**20, "state_mb": state.numel() * 4 / 2**20}
 
 
 def recovery_loop(config):

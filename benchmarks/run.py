@@ -31,8 +31,10 @@ import ray  # noqa: E402
 from loops import (  # noqa: E402
     bench_loop,
     checkpoint_stall_loop,
+    memory_loop,
     recovery_loop,
     scaling_loop,
+    sharded_upload_loop,
     sleepy_validation,
     step_overhead_loop,
     validated_steps_loop,
@@ -226,8 +228,12 @@ class Bench:
                 "ratio": ratio, "goal": "<= 0.10", "met": ratio <= 0.10, "mb": mb}
             if target == "s3":
                 self.upload_throughput(mb, stalls["sync"], s3)
+                self.sharded_upload(mb, s3)
 
     def upload_throughput(self, mb: int, sync_stalls: list[float], options: dict) -> None:
+        """Ours (a sync checkpoint's stall in a worker: upload, hashes, commit) against raw
+        ``s3fs.put_file`` of the same bytes from a Ray worker (a task with a CPU, as a rank
+        has) and from the driver."""
         import s3fs
         import torch
 
@@ -240,14 +246,106 @@ class Bench:
             began = time.time()
             fs.put_file(path, f"bench/raw/{i}.pt")
             raw.append(time.time() - began)
+        from_worker = ray.get(raw_puts.remote(path, options, self.repeat * 2))
         ours_rate = size / statistics.median(sync_stalls)
-        raw_rate = size / statistics.median(raw)
-        ratio = ours_rate / raw_rate
-        figure = {"ratio": ratio, "ours MB/s": ours_rate / 1e6, "raw s3fs MB/s": raw_rate / 1e6,
+        worker_rate = size / statistics.median(from_worker)
+        ratio = ours_rate / worker_rate
+        figure = {"ratio": ratio, "ours MB/s": ours_rate / 1e6,
+                  "raw s3fs from a worker MB/s": worker_rate / 1e6,
+                  "raw s3fs from the driver MB/s": size / statistics.median(raw) / 1e6,
                   "goal": ">= 0.95", "met": ratio >= 0.95}
         if ratio < 0.95:
             figure["profile"] = profile_upload(path, options)
         self.figures["P4 persistence / raw s3fs.put_file"] = figure
+
+    def sharded_upload(self, mb: int, options: dict) -> None:
+        """4 ranks each upload their own shard of ``mb`` MB of state into one checkpoint: the
+        aggregate rate / one ``s3fs.put_file`` of the same total bytes from a worker."""
+        blocked, shard_bytes = [], 0
+        for _ in range(self.repeat):
+            run = pd.RunConfig(name=f"p4b-{time.time_ns()}", storage="s3://bench/runs",
+                               storage_options=options)
+            with pd.Trainer(num_workers=4, run=run,
+                            resources_per_worker={"CPU": 1}) as trainer:
+                result = trainer.fit(sharded_upload_loop, config={"mb": mb, "checkpoints": 2})
+            blocked += [max(times) for times in zip(*(r["blocked"]
+                                                      for r in result.worker_results))]
+            shard_bytes = result.worker_results[0]["bytes"]
+        total = shard_bytes * 4
+        path = os.path.join(self.workdir, "whole.bin")
+        with open(path, "wb") as handle:
+            handle.write(os.urandom(total))
+        single = ray.get(raw_puts.remote(path, options, self.repeat * 2))
+        ours_rate = total / statistics.median(blocked)
+        single_rate = total / statistics.median(single)
+        ratio = ours_rate / single_rate
+        self.figures["P4b sharded: 4 ranks' aggregate upload / one put_file"] = {
+            "ratio": ratio, "4 ranks MB/s": ours_rate / 1e6, "one put_file MB/s":
+            single_rate / 1e6, "mb": mb, "goal": ">= 1.5", "met": ratio >= 1.5}
+
+    def memory(self, endpoint: str) -> None:
+        """The extra memory a worker holds while a big checkpoint persists (2 GB; 64 MB with
+        --quick), sync and async, to local disk and to moto S3: at most 256 MB."""
+        mb = 64 if self.quick else 2048
+        s3 = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint}}
+        targets = {"local": (os.path.join(self.workdir, "runs"), {}),
+                   "s3": ("s3://bench/runs", s3)}
+        extra = {}
+        for target, (storage, options) in targets.items():
+            for upload in ("sync", "async"):
+                run = pd.RunConfig(name=f"mem-{target}-{upload}-{time.time_ns()}",
+                                   storage=storage, storage_options=options)
+                with pd.Trainer(num_workers=1, run=run,
+                                checkpoint=pd.CheckpointConfig(upload=upload)) as trainer:
+                    result = trainer.fit(memory_loop, config={"mb": mb})
+                extra[f"{target}, {upload} (MB)"] = round(result.worker_results[0]["extra_mb"])
+        self.figures["Memory: worker RSS over the state while it persists"] = {
+            **extra, "state MB": mb, "goal": "<= 256 MB each",
+            "met": max(extra.values()) <= 256}
+
+    def ray_train_side_by_side(self, endpoint: str) -> None:
+        """P2 and P3 under Ray Train's TorchTrainer: the same loops, its ``report`` every step,
+        its ``checkpoint_upload_mode`` SYNC and ASYNC to local disk and to the same moto S3."""
+        import pyarrow.fs
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        def fit(loop, config: dict, storage: str, filesystem=None) -> dict:
+            result = TorchTrainer(loop, train_loop_config={**config, "api": "ray"},
+                                  scaling_config=ScalingConfig(num_workers=2),
+                                  run_config=RunConfig(name=f"rt-{time.time_ns()}",
+                                                       storage_path=storage,
+                                                       storage_filesystem=filesystem)).fit()
+            return result.metrics["returned"]
+
+        config = {"warmup": 20, "steps": 50 if self.quick else 200,
+                  "rounds": 1 if self.quick else 5}
+        ratios = []
+        for _ in range(self.repeat):
+            medians = fit(step_overhead_loop, config, os.path.join(self.workdir, "ray"))
+            ratios.append(medians["report"] / medians["plain"])
+        ours = self.figures["P2 step with report / without"]["median"]
+        self.figures["P2 Ray Train step with report / without"] = {
+            **spread(ratios), "ours": ours}
+        s3 = pyarrow.fs.S3FileSystem(access_key="bench", secret_key="bench", scheme="http",
+                                     endpoint_override=endpoint.split("://")[1],
+                                     region="us-east-1")
+        targets = {"local": (os.path.join(self.workdir, "ray"), None),
+                   "s3": ("bench/ray-runs", s3)}
+        mb = 20 if self.quick else 200
+        for target, (storage, filesystem) in targets.items():
+            for upload in ("async",) if self.quick else ("sync", "async"):
+                blocked = []
+                for _ in range(self.repeat):
+                    blocked += fit(checkpoint_stall_loop, {
+                        "mb": mb, "checkpoints": 2, "gap_s": 0.5 if self.quick else 6.0,
+                        "upload": upload}, storage, filesystem)["blocked"]
+                theirs = statistics.median(blocked)
+                ours = self.figures[f"P3 stall per checkpoint, {target}, {upload} (s)"]["median"]
+                self.figures[f"P3 Ray Train stall per checkpoint, {target}, {upload} (s)"] = {
+                    **spread(blocked), "ours / theirs": ours / theirs}
+            if self.quick:
+                break
 
     # -- P5 ----------------------------------------------------------------------------------
 
@@ -358,6 +456,20 @@ class Bench:
             "met": largest["latency_p99_steady_ms"] <= 100 and largest["latency_growth"] <= 1.5}
 
 
+@ray.remote(num_cpus=1)
+def raw_puts(path: str, options: dict, count: int) -> list[float]:
+    """``s3fs.put_file`` of ``path``, timed ``count`` times, in a Ray worker process."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    times = []
+    for i in range(count):
+        began = time.time()
+        fs.put_file(path, f"bench/raw-worker/{i}.pt")
+        times.append(time.time() - began)
+    return times
+
+
 def profile_upload(path: str, options: dict) -> list[str]:
     """Where an upload's time goes: cProfile of one sync persistence of the same file."""
     from prefect_distrain.checkpoints.storage import RunStorage
@@ -436,6 +548,8 @@ def main() -> None:
         bench.step_overhead()
         bench.validation_cost()
         bench.checkpoints(endpoint)
+        bench.ray_train_side_by_side(endpoint)
+        bench.memory(endpoint)
         bench.recovery()
         bench.prefect_overhead()
         bench.scaling()

@@ -36,6 +36,8 @@ from .backends.torch import TorchConfig, cuda_device_index, import_torch
 from .checkpoints.checkpoint import Checkpoint
 from .exceptions import ConfigurationError, UnsafeCheckpointError
 from .session import current_session
+from .session.context import reset_before_each_run
+from .torch_sharded import fully_shard, load_sharded, save_sharded, state_of
 from .trainers import TorchTrainer
 
 torch = import_torch()
@@ -50,8 +52,8 @@ from torch.utils.data import (  # noqa: E402
 )
 
 __all__ = ["TorchConfig", "TorchTrainer", "accelerate", "backward", "enable_reproducibility",
-           "get_device", "load_state", "prepare_data_loader", "prepare_model",
-           "prepare_optimizer"]
+           "get_device", "load_sharded", "load_state", "prepare_data_loader", "prepare_model",
+           "prepare_optimizer", "save_sharded"]
 
 
 def _world_size() -> int:
@@ -70,13 +72,16 @@ def get_device() -> torch.device:
 def prepare_model(model: torch.nn.Module, move_to_device: bool = True,
                   parallel_strategy: str | None = "ddp",
                   parallel_strategy_kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
-    """Move the model to this worker's device and wrap it in DistributedDataParallel.
+    """Move the model to this worker's device and wrap it in DistributedDataParallel, or with
+    ``parallel_strategy="fsdp"`` shard its parameters across the ranks (FSDP2's
+    ``fully_shard``, ``parallel_strategy_kwargs`` its options; save and load its state with
+    ``save_sharded`` / ``load_sharded``, each rank its own shards).
 
     With one worker (or ``parallel_strategy=None``) the model is only moved: DDP over a world
     of one would cost a copy of every gradient for nothing.
     """
-    if parallel_strategy not in ("ddp", None):
-        raise ValueError(f"parallel_strategy {parallel_strategy!r}: use 'ddp' or None")
+    if parallel_strategy not in ("ddp", "fsdp", None):
+        raise ValueError(f"parallel_strategy {parallel_strategy!r}: use 'ddp', 'fsdp' or None")
     device = get_device()
     if move_to_device:
         model = model.to(device)
@@ -85,13 +90,15 @@ def prepare_model(model: torch.nn.Module, move_to_device: bool = True,
         model.forward = _autocast(model.forward, device.type)
     auto = _auto_state()
     if auto is not None:
-        auto.add_model(model)
+        auto.add_model(model, sharded=parallel_strategy == "fsdp")
     if parallel_strategy == "ddp" and _world_size() > 1:
         kwargs = dict(parallel_strategy_kwargs or {})
         if device.type == "cuda":
             kwargs.setdefault("device_ids", [device.index])
             kwargs.setdefault("output_device", device.index)
         model = DistributedDataParallel(model, **kwargs)
+    if parallel_strategy == "fsdp" and _world_size() > 1:
+        model = fully_shard(model, **dict(parallel_strategy_kwargs or {}))
     return model
 
 
@@ -327,6 +334,15 @@ class _Accelerator:
 _accelerator = _Accelerator()
 
 
+@reset_before_each_run
+def _new_run() -> None:
+    """An earlier run's accelerate / enable_reproducibility choices end with it."""
+    global _accelerator
+    if _accelerator.seed is not None:  # what enable_reproducibility turned on, and only that
+        torch.use_deterministic_algorithms(False)
+    _accelerator = _Accelerator()
+
+
 def accelerate(amp: bool = False) -> None:
     """Turn on automatic mixed precision for what is prepared next: the model's forward runs
     under autocast (bf16 on CPU, fp16 on GPU, outputs back in float32) and, on GPU,
@@ -446,6 +462,8 @@ def _seed_python_and_numpy(seed: int) -> None:
 
 
 _STATE_FILE = "auto_state.pt"
+#: The DCP folder of an FSDP model's state in mode "auto": each rank's own shards.
+_SHARDED_STATE = "auto_sharded"
 
 
 def _rng_file(rank: int) -> str:
@@ -460,6 +478,9 @@ class _TorchAutoState:
         self.auto = auto
         self.models: list[torch.nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
+        #: A model prepared with parallel_strategy="fsdp" (sharded or, in a world of one, not):
+        #: every rank saves its own shards with DCP, whatever the world size.
+        self.sharded = False
         self._folder: str | None = None
 
     def _saved(self, name: str) -> Any:
@@ -474,27 +495,71 @@ class _TorchAutoState:
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    def add_model(self, model: torch.nn.Module) -> None:
+    def add_model(self, model: torch.nn.Module, sharded: bool = False) -> None:
         self.models.append(model)
+        self.sharded = self.sharded or sharded
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizers.append(optimizer)
 
     def save(self, folder: str, rank: int) -> None:
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(self._sharded_state(), checkpoint_id=os.path.join(folder, _SHARDED_STATE))
         if rank == 0:
             torch.save({
-                "models": [_unwrapped(m).state_dict() for m in self.models],
-                "optimizers": [o.state_dict() for o in self.optimizers],
+                "models": [] if self.sharded else [_unwrapped(m).state_dict()
+                                                   for m in self.models],
+                "optimizers": [] if self.sharded else [o.state_dict() for o in self.optimizers],
                 "scaler": _accelerator.scaler.state_dict() if _accelerator.scaler else None,
             }, os.path.join(folder, _STATE_FILE))
         torch.save(_random_state(), os.path.join(folder, _rng_file(rank)))
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """Every model's state (with its optimizer's, paired in the order prepared)."""
+        if len(self.optimizers) > len(self.models):
+            raise ConfigurationError(
+                f"mode='auto' with an FSDP model pairs each prepared optimizer with the model "
+                f"prepared in the same order, but {len(self.optimizers)} optimizers were "
+                f"prepared for {len(self.models)} model(s): prepare one optimizer per model, or "
+                "checkpoint with pd.torch.save_sharded yourself (mode='manual')")
+        pairs = zip(self.models, self.optimizers + [None] * len(self.models))
+        return {f"model_{i}": state_of(model, optimizer)
+                for i, (model, optimizer) in enumerate(pairs)}
+
+    def _resume_sharded(self) -> None:
+        """DCP's files into the models in the sharding they have now (another world size, or
+        none in a world of one)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=os.path.join(self._folder, _SHARDED_STATE))
+        for i, (model, optimizer) in enumerate(zip(
+                self.models, self.optimizers + [None] * len(self.models))):
+            saved = state[f"model_{i}"]
+            if optimizer is None:
+                set_model_state_dict(model, saved["model"])
+            else:
+                set_state_dict(model, optimizer, model_state_dict=saved["model"],
+                               optim_state_dict=saved["optimizer"])
 
     def resume_pass(self) -> None:
         state = self._saved(_STATE_FILE)
         if state is None:
             return
+        assert self._folder is not None
+        if os.path.isfile(os.path.join(self._folder, _SHARDED_STATE, ".metadata")):
+            self._resume_sharded()
+        elif self.sharded and state["models"]:
+            raise ConfigurationError(
+                f"{self.auto.resume!r} holds whole models, saved without "
+                "parallel_strategy='fsdp', but this run shards them: resume it with the "
+                "parallel strategy it was saved with")
         for model, saved in zip(self.models, state["models"]):
             _unwrapped(model).load_state_dict(saved)
+        for model in self.models:
             for parameter in model.parameters():
                 parameter.grad = None  # the replayed steps' gradients
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):

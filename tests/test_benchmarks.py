@@ -29,6 +29,10 @@ def test_the_benchmark_runner_produces_every_figure(tmp_path):
                  "P5 recovery / P1b", "P6 pd.train in a flow - bare Trainer (s)",
                  "P2e step with data positions / without",
                  "P1c second train in a flow, time to first step (s)",
+                 "P4b sharded: 4 ranks' aggregate upload / one put_file",
+                 "P2 Ray Train step with report / without",
+                 "P3 Ray Train stall per checkpoint, local, async (s)",
+                 "Memory: worker RSS over the state while it persists",
                  "Many workers: driver CPU per report (ms)",
                  "Many workers: driver CPU per commit (ms)"):
         assert name in figures, name

@@ -24,12 +24,16 @@ def state_loop(config):
     import torch.distributed as dist
 
     ctx = pd.get_context()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    pd.torch.enable_reproducibility(0)  # an earlier run's choices would refuse these
+    pd.torch.accelerate(amp=False)
+    pd.torch.prepare_model(torch.nn.Linear(2, 1))
     total = torch.tensor([float(ctx.get_world_rank() + 1)])
     dist.all_reduce(total)
     found = {"pid": os.getpid(), "leak": os.environ.get("WARM_POOL_LEAK"),
              "master_port": os.environ["MASTER_PORT"], "world": dist.get_world_size(),
              "rank": dist.get_rank(), "sum": total.item(), "rank_env": os.environ["RANK"],
-             "checkpoint": pd.get_checkpoint() is not None}
+             "checkpoint": pd.get_checkpoint() is not None, "deterministic": deterministic}
     pd.report({"step": 1})
     os.environ["WARM_POOL_LEAK"] = "left by the previous run"
     if config.get("fail"):
@@ -60,6 +64,7 @@ def test_a_second_train_in_a_flow_takes_the_first_ones_workers_clean(tmp_path):
         assert [r["sum"] for r in run] == [3.0, 3.0] and {r["world"] for r in run} == {2}
         assert [r["leak"] for r in run] == [None, None]  # the first run's variable is gone
         assert not any(r["checkpoint"] for r in run)
+        assert not any(r["deterministic"] for r in run)  # nor the first's torch settings
     assert {r["master_port"] for r in second} != {r["master_port"] for r in first}
     # Another scaling starts its own group; the idle one gave way (4 CPUs hold 2 + 3 no more).
     assert not {r["pid"] for r in other} & {r["pid"] for r in first}

@@ -51,8 +51,9 @@ class BackendConfig:
     name: ClassVar[str] = ""
     backend_cls: ClassVar[type[Backend]] = Backend
     #: Whether ``on_shutdown`` then ``on_start`` on the same processes gives a clean runtime,
-    #: so that a finished run's group can serve the next one (warm_pool.py).
-    reusable: ClassVar[bool] = True
+    #: so that a finished run's group can serve the next one (warm_pool.py). A backend says so
+    #: itself, once that is so (torch does).
+    reusable: ClassVar[bool] = False
 
     def make_backend(self) -> Backend:
         return self.backend_cls()

@@ -155,9 +155,6 @@ class HorovodConfig(BackendConfig):
     verbose: bool = False
     tf_keras: bool = True
 
-    #: Its workers start with a run's environment (TF_USE_LEGACY_KERAS is read when the
-    #: process first imports TensorFlow): a later run in the same processes could differ.
-    reusable: ClassVar[bool] = False
     name: ClassVar[str] = "horovod"
     backend_cls: ClassVar[type[Backend]] = _HorovodBackend
 

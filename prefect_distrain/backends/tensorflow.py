@@ -87,9 +87,6 @@ class TensorflowConfig(BackendConfig):
     keras: str = "tf_keras"
     timeout_s: float | None = None
 
-    #: TensorFlow sets its collective runtime up once per process (TF_CONFIG is read when the
-    #: first strategy is made): a second run in the same processes could not join a new one.
-    reusable: ClassVar[bool] = False
     name: ClassVar[str] = "tensorflow"
     backend_cls: ClassVar[type[Backend]] = _TensorflowBackend
 

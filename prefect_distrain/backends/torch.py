@@ -87,6 +87,8 @@ class TorchConfig(BackendConfig):
 
     name: ClassVar[str] = "torch"
     backend_cls: ClassVar[type[Backend]] = _TorchBackend
+    #: The process group is destroyed at a run's end and joined anew (a new store) at the next.
+    reusable: ClassVar[bool] = True
 
     def process_group_backend(self, use_gpu: bool) -> str:
         return self.backend or ("nccl" if use_gpu else "gloo")

@@ -36,10 +36,10 @@ def start_group(scaling: ScalingConfig, backend: BackendSetup,
     ending idle warm groups for room).
 
     ``warm_key``: take a warm group left under this key (warm_pool.py) when there is one, at
-    every look; idle warm groups of other keys end when the cluster lacks room.
+    every look. Idle warm groups of other keys end first: they hold this run's room.
     """
     wanted, least = scaling.num_workers, scaling.least_workers
-    if expect_full:
+    if warm_pool.drain_other_keys(warm_key) or expect_full:
         _wait_for_room(scaling, wanted)
     timeout = settings.settings().placement_group_timeout_s
     deadline = time.monotonic() + timeout
@@ -49,7 +49,7 @@ def start_group(scaling: ScalingConfig, backend: BackendSetup,
             return warm
         began = time.monotonic()
         size = min(wanted, capacity_now(scaling))
-        if size < wanted and warm_pool.drain():  # this process's idle warm groups give way
+        if size < wanted and warm_pool.drain_other_keys(warm_key):  # left while it waited
             _wait_for_room(scaling, wanted)
             size = min(wanted, capacity_now(scaling))
         if size >= least:

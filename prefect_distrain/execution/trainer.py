@@ -164,6 +164,8 @@ class Trainer:
             self._group = group
             return
         if self._ray is None:
+            # Warm groups that keep a Ray up made with other options give way (warm_pool.py).
+            warm_pool.drain_other_rays(self._ray_options())
             stack = contextlib.ExitStack()
             stack.enter_context(ray_connection(self.ray_address, self.ray_init_kwargs,
                                                self.scaling))
@@ -181,11 +183,14 @@ class Trainer:
             self._release_ray()
             raise
 
+    def _ray_options(self) -> tuple:
+        return self.ray_address, repr(sorted((self.ray_init_kwargs or {}).items()))
+
     def _warm_key(self) -> tuple:
         """What must match for a warm group to serve this trainer: everything that shaped its
         workers (the runtime_env among the Ray options)."""
         return (type(self.backend_config), repr(self.backend_config), repr(self.scaling),
-                self.ray_address, repr(sorted((self.ray_init_kwargs or {}).items())))
+                *self._ray_options())
 
     def _leave_warm(self, group: WorkerGroup | LocalGroup | None) -> bool:
         """After a clean run: leave the group warm for the next run (warm_pool.py), if this
@@ -206,8 +211,8 @@ class Trainer:
         if self._ray_finalizer is not None:
             self._ray_finalizer.detach()
             self._ray_finalizer = None
-        warm_pool.give(warm_pool.WarmGroup(self._warm_key(), group, stack, self.warm_owner),
-                       idle_s)
+        warm_pool.give(warm_pool.WarmGroup(self._warm_key(), self._ray_options(), group, stack,
+                                           self.warm_owner), idle_s)
         return True
 
     def _discard_group(self) -> None:

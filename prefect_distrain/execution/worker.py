@@ -27,7 +27,7 @@ from ray import cloudpickle
 from ..exceptions import StopTraining
 from ..logs import capture
 from ..session import Session, set_current_session
-from ..session.context import WorkerInfo, set_worker_info
+from ..session.context import WorkerInfo, new_run, set_worker_info
 from ..session.core import check_sendable
 
 #: How long a worker gathers plain reports and log lines into one message to the driver. Each
@@ -84,6 +84,7 @@ class TrainWorker:
         the process started with (a backend sets its own again at the next start); its pid."""
         self.session = None
         set_current_session(None)
+        new_run()
         for key in set(os.environ) - set(self._env_at_start):
             del os.environ[key]
         os.environ.update(self._env_at_start)
@@ -136,6 +137,7 @@ class TrainWorker:
             session_args: dict[str, Any]) -> Iterator:
         """Run the training function in a thread and yield its outbox: reports, log lines and
         finished uploads, then one ``("done", value)`` or ``("error", description)``."""
+        new_run()
         session = Session(**session_args)
         self.session = session
         set_current_session(session)

@@ -154,11 +154,15 @@ def _quiet_outside_flows(context: TaskRunContext | None) -> None:
 def _end_warm_groups_with_flow_run() -> str | None:
     """Within a flow run, a finished ``train`` leaves its worker group warm for the next one
     (warm_pool.py) until the flow run ends: a hook on the flow (once) ends the groups its runs
-    left. The flow run's id; None outside a flow run (nothing is kept warm)."""
+    left. The flow run's id; None outside a flow run, and in a Ray worker (a task of
+    prefect-ray's runner, whose flow's end this process never sees): nothing is kept warm."""
+    import ray
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
     if context is None or context.flow_run is None or context.flow is None:
+        return None
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
         return None
     flow = context.flow
     for hooks in (flow.on_completion_hooks, flow.on_failure_hooks, flow.on_cancellation_hooks,
@@ -170,7 +174,7 @@ def _end_warm_groups_with_flow_run() -> str | None:
 
 def end_warm_worker_groups(flow: Any, flow_run: Any, state: Any) -> None:
     """Flow hook: the worker groups that this flow run's ``train`` calls left warm end."""
-    warm_pool.drain(owner=str(flow_run.id))
+    warm_pool.drain(str(flow_run.id))
 
 
 def _is_prefect_retry() -> bool:

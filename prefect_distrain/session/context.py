@@ -102,3 +102,21 @@ def set_any_rank(agree: Callable[[bool], bool] | None) -> None:
 
 def any_rank() -> Callable[[bool], bool] | None:
     return _any_rank
+
+
+#: What modules reset before each run in a worker process: a warm group's processes, and a
+#: started Trainer's, serve several runs, and one run's choices must not reach the next.
+_run_resets: list[Callable[[], None]] = []
+
+
+def reset_before_each_run(reset: Callable[[], None]) -> Callable[[], None]:
+    """Register ``reset`` (a module's per-run state back to its start) for ``new_run``."""
+    if reset not in _run_resets:
+        _run_resets.append(reset)
+    return reset
+
+
+def new_run() -> None:
+    """Before a run in this worker process: every registered module's state as it started."""
+    for reset in _run_resets:
+        reset()
