@@ -37,7 +37,7 @@ from .checkpoints.checkpoint import Checkpoint
 from .exceptions import ConfigurationError, UnsafeCheckpointError
 from .session import current_session
 from .session.context import reset_before_each_run
-from .torch_sharded import fully_shard, load_sharded, save_sharded, state_of
+from .torch_sharded import fully_shard, load_sharded, put_state, save_sharded, state_of
 from .trainers import TorchTrainer
 
 torch = import_torch()
@@ -524,26 +524,21 @@ class _TorchAutoState:
                 f"prepared in the same order, but {len(self.optimizers)} optimizers were "
                 f"prepared for {len(self.models)} model(s): prepare one optimizer per model, or "
                 "checkpoint with pd.torch.save_sharded yourself (mode='manual')")
-        pairs = zip(self.models, self.optimizers + [None] * len(self.models))
         return {f"model_{i}": state_of(model, optimizer)
-                for i, (model, optimizer) in enumerate(pairs)}
+                for i, (model, optimizer) in enumerate(self._pairs())}
+
+    def _pairs(self) -> list[tuple[torch.nn.Module, torch.optim.Optimizer | None]]:
+        return list(zip(self.models, self.optimizers + [None] * len(self.models)))
 
     def _resume_sharded(self) -> None:
         """DCP's files into the models in the sharding they have now (another world size, or
         none in a world of one)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         state = self._sharded_state()
         dcp.load(state, checkpoint_id=os.path.join(self._folder, _SHARDED_STATE))
-        for i, (model, optimizer) in enumerate(zip(
-                self.models, self.optimizers + [None] * len(self.models))):
-            saved = state[f"model_{i}"]
-            if optimizer is None:
-                set_model_state_dict(model, saved["model"])
-            else:
-                set_state_dict(model, optimizer, model_state_dict=saved["model"],
-                               optim_state_dict=saved["optimizer"])
+        for i, (model, optimizer) in enumerate(self._pairs()):
+            put_state(model, optimizer, state[f"model_{i}"])
 
     def resume_pass(self) -> None:
         state = self._saved(_STATE_FILE)

@@ -61,7 +61,6 @@ def load_sharded(checkpoint: Checkpoint | str | os.PathLike, model: Any,
     ``optimizer``), in the sharding they have now. ``checkpoint``: a Checkpoint (its files are
     verified as they download) or a local folder."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     if isinstance(checkpoint, Checkpoint):
         with checkpoint.as_directory() as folder:
@@ -74,6 +73,13 @@ def load_sharded(checkpoint: Checkpoint | str | os.PathLike, model: Any,
             "model, optimizer) on every rank and report the folder from every rank")
     state = state_of(model, optimizer)
     dcp.load(state, checkpoint_id=path)
+    put_state(model, optimizer, state)
+
+
+def put_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """``state_of``'s state, loaded by DCP, into ``model`` (and ``optimizer``)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
