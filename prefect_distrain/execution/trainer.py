@@ -207,12 +207,8 @@ class Trainer:
         except Exception as error:  # noqa: BLE001 - it ends instead, as without a pool
             self.logger.info("The worker group is not kept warm (%s)", error)
             return False
-        stack, self._ray = self._ray, None
-        if self._ray_finalizer is not None:
-            self._ray_finalizer.detach()
-            self._ray_finalizer = None
-        warm_pool.give(warm_pool.WarmGroup(self._warm_key(), self._ray_options(), group, stack,
-                                           self.warm_owner), idle_s)
+        warm_pool.give(warm_pool.WarmGroup(self._warm_key(), self._ray_options(), group,
+                                           self._hand_over_ray(), self.warm_owner), idle_s)
         return True
 
     def _discard_group(self) -> None:
@@ -232,12 +228,16 @@ class Trainer:
             self._release_ray()
 
     def _release_ray(self) -> None:
+        if (stack := self._hand_over_ray()) is not None:
+            stack.close()
+
+    def _hand_over_ray(self) -> contextlib.ExitStack | None:
+        """This trainer's Ray connection, no longer its own to close."""
         stack, self._ray = self._ray, None
         if self._ray_finalizer is not None:
             self._ray_finalizer.detach()
             self._ray_finalizer = None
-        if stack is not None:
-            stack.close()
+        return stack
 
     def __enter__(self) -> Trainer:
         self.start()
