@@ -131,6 +131,27 @@ def test_csv_files_read_as_a_dataset(tmp_path):
     assert sum(returns) == sum(i * i for i in range(10))
 
 
+def test_parquet_at_a_url_is_listed_once_not_on_every_pass(tmp_path):
+    """Ray 2.60's default parquet reader starts 32 footer-reading actors on every pass; a URL
+    read by train reads the footers once, and the user's own choice of reader is kept."""
+    import pandas
+    from ray.util.state import list_actors
+
+    from prefect_distrain.integrations.data import read_dataset
+
+    for i in range(3):
+        pandas.DataFrame({"id": range(i * 10, i * 10 + 10)}).to_parquet(tmp_path / f"{i}.parquet")
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    dataset = read_dataset(str(tmp_path))
+    assert context.use_datasource_v2 == before
+    for _ in range(2):
+        assert sorted(row["id"] for row in dataset.iter_rows()) == list(range(30))
+    footer_readers = list_actors(address=ray.get_runtime_context().gcs_address,
+                                 filters=[("class_name", "=", "FooterReader")])
+    assert footer_readers == []
+
+
 def test_without_ray_data_the_error_names_the_extra(monkeypatch):
     from prefect_distrain.integrations.data import import_ray_data
 

@@ -89,6 +89,10 @@ def read_dataset(url: str, storage_options: Mapping[str, Any] | None = None,
     """A Ray Dataset of the parquet or CSV files at ``url`` (a file or a folder, any fsspec URL).
 
     ``format``: "parquet" or "csv"; by default taken from the files' extension.
+
+    Parquet is read with Ray Data's first reader, which reads the files' footers once, here.
+    Its second (Ray 2.60's default) lists and reads them again on every pass, in 32
+    new actors: 5-7 s a pass for 3 small files on 2 cores, against 0.4 s.
     """
     data = import_ray_data()
     fs, path = fsutil.filesystem(url, dict(storage_options or {}))
@@ -117,8 +121,16 @@ def read_dataset(url: str, storage_options: Mapping[str, Any] | None = None,
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         filesystem = PyFileSystem(FSSpecHandler(fs))  # Ray Data reads through the same fs
-    reader = data.read_parquet if format == "parquet" else data.read_csv
-    return reader(files, filesystem=filesystem)
+    if format == "csv":
+        return data.read_csv(files, filesystem=filesystem)
+    context = data.DataContext.get_current()
+    v2 = getattr(context, "use_datasource_v2", False)
+    context.use_datasource_v2 = False  # decided at read time only; the dataset keeps a copy
+    try:
+        return data.read_parquet(files, filesystem=filesystem)
+    finally:
+        if v2:
+            context.use_datasource_v2 = v2
 
 
 def resolve_datasets(datasets: Mapping[str, Any] | None, storage_url: str = "",
