@@ -1,7 +1,7 @@
 """prefect-distrain side by side with plain DDP (torchrun), Ray Train and raw s3fs, in one run.
 
     python benchmarks/run.py                 # the full suite (about 10 minutes on 2 cores)
-    python benchmarks/run.py --quick         # every scenario once, small (the tests run this)
+    python benchmarks/run.py --quick         # every scenario once, smallest (the tests run this)
 
 Prints a table and writes JSON (``--out``). Absolute times on a shared 2-core machine are
 noisy; the ratios, measured in the same run on the same Ray, are what to compare.
@@ -52,8 +52,9 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 class Bench:
-    def __init__(self, quick: bool, repeat: int, workdir: str):
+    def __init__(self, quick: bool, repeat: int, workdir: str, prefect_api_url: str = ""):
         self.quick, self.repeat, self.workdir = quick, repeat, workdir
+        self.prefect_api_url = prefect_api_url
         self.figures: dict[str, dict] = {}
         self.epochs, self.steps = (2, 5) if quick else (3, 20)
 
@@ -138,7 +139,7 @@ class Bench:
         never reported, so it never stops): every report waits for the driver's verdict."""
         costs, ratios = [], []
         for _ in range(self.repeat):
-            for hidden, into in ((0, costs), (1024, ratios)):
+            for hidden, into in ((0, costs), (1024, ratios))[:1 if self.quick else 2]:
                 judge = pd.callbacks.EarlyStopping(metric="never-reported")
                 with pd.Trainer(num_workers=2, run=self.run_config("p2b")) as trainer:
                     result = trainer.fit(step_overhead_loop, config={**config, "hidden": hidden},
@@ -147,7 +148,8 @@ class Bench:
                 into.append((medians["report"] - medians["plain"]) * 1000 if into is costs
                             else medians["report"] / medians["plain"])
         self.figures["P2b exact stop: cost per report (ms)"] = spread(costs)
-        self.figures["P2b exact stop: step with report / without, MLP 1024"] = spread(ratios)
+        if ratios:
+            self.figures["P2b exact stop: step with report / without, MLP 1024"] = spread(ratios)
         self.hang_tracking_cost(config)
 
     def hang_tracking_cost(self, config: dict) -> None:
@@ -371,7 +373,6 @@ class Bench:
 
     def prefect_overhead(self) -> None:
         from prefect import flow
-        from prefect.testing.utilities import prefect_test_harness
 
         config = {"api": "pd", "epochs": self.epochs, "steps": self.steps}
 
@@ -394,8 +395,9 @@ class Bench:
                 firsts.append(result.worker_results[0]["first_step"] - began)
             return firsts
 
-        with prefect_test_harness(server_startup_timeout=120):
-            timed()  # the first task run of a process pays Prefect's imports and client setup
+        with self.prefect_api():
+            if not self.quick:
+                timed()  # the first task run of a process pays Prefect's imports and client
             cold, warm = zip(*(two_trains() for _ in range(self.repeat)))
             self.figures["P1c second train in a flow, time to first step (s)"] = {
                 **spread(list(warm)), "first train (s)": statistics.median(cold),
@@ -412,12 +414,22 @@ class Bench:
             "overhead": overhead, "in flow": spread(in_flow), "bare": spread(bare),
             "goal": "<= 0.3 s", "met": overhead <= 0.3}
 
+    def prefect_api(self):
+        """The Prefect API the flows report to: ``--prefect-api`` (an API already running, as
+        the tests give theirs), else a temporary local server."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.testing.utilities import prefect_test_harness
+
+        if self.prefect_api_url:
+            return temporary_settings({PREFECT_API_URL: self.prefect_api_url})
+        return prefect_test_harness(server_startup_timeout=120)
+
     # -- scaling -----------------------------------------------------------------------------
 
     def scaling(self) -> None:
-        for hidden in (0, 256 if self.quick else 1024):
+        for hidden in (0,) if self.quick else (0, 1024):
             line = {}
-            for workers in (1, 2, 4):
+            for workers in (1, 2) if self.quick else (1, 2, 4):
                 with pd.Trainer(num_workers=workers, run=self.run_config("scale")) as trainer:
                     steps = trainer.run(scaling_loop, config={
                         "hidden": hidden, "warmup": 10, "steps": 30 if self.quick else 100})
@@ -431,7 +443,7 @@ class Bench:
         """The driver's CPU per report and per commit (a checkpoint with every report, less the
         same reports without), and the iteration latency, for 2 to 64 workers reporting every
         10 ms (many_workers.py); the chart goes to ``chart_path``."""
-        sizes = SIZES[:2] if self.quick else SIZES
+        sizes = (2, 4) if self.quick else SIZES
         reports = 50 if self.quick else 300
         storage = os.path.join(self.workdir, "runs")
         points = {}
@@ -538,13 +550,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="every scenario once, small")
     parser.add_argument("--repeat", type=int, default=None, help="runs per figure (default 5)")
     parser.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    parser.add_argument("--prefect-api", default="",
+                        help="a running Prefect API for the flows (default: a temporary server)")
     args = parser.parse_args()
     repeat = args.repeat or (1 if args.quick else 5)
     workdir = tempfile.mkdtemp(prefix="prefect-distrain-bench-")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     moto, endpoint = start_moto()
-    bench = Bench(args.quick, repeat, workdir)
+    bench = Bench(args.quick, repeat, workdir, args.prefect_api)
     try:
         bench.end_to_end()
         bench.step_overhead()

@@ -14,12 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.timeout(960)  # the runner's own limit is 900 s
-def test_the_benchmark_runner_produces_every_figure(tmp_path):
+def test_the_benchmark_runner_produces_every_figure(tmp_path, prefect_server):
+    from prefect.settings import PREFECT_API_URL
+
     out = tmp_path / "results.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900,
-                          env=env)
+                           "--out", str(out), "--prefect-api", PREFECT_API_URL.value()],
+                          capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     figures = json.loads(out.read_text())["figures"]
     for name in ("P1 ours / Ray Train", "P1 ours / torchrun", "P1b time to first step (s)",
@@ -38,6 +40,6 @@ def test_the_benchmark_runner_produces_every_figure(tmp_path):
         assert name in figures, name
     assert "| P1 ours / Ray Train |" in done.stdout
     assert set(figures["Many workers: driver CPU per report (ms)"]) >= {"2 workers",
-                                                                       "8 workers"}
+                                                                       "4 workers"}
     chart = (tmp_path / "many_workers.svg").read_text()
     assert chart.startswith("<svg") and chart.count("<polyline") == 3

@@ -14,7 +14,7 @@ import time
 from .. import settings
 from ..config import ScalingConfig
 from ..exceptions import ResourcesUnavailableError
-from . import warm_pool
+from . import warm_pool, worker_group
 from .backend_setup import BackendSetup
 from .cluster import capacity_now
 from .worker_group import WorkerGroup
@@ -22,6 +22,9 @@ from .worker_group import WorkerGroup
 #: After a scale-up decision, how long to wait for the old group's resources to come back
 #: before starting a smaller group after all.
 _RELEASE_WAIT_S = 10.0
+#: After a group of this process ended, how long its freed resources may take to show (Ray's
+#: view of free resources lags by about a second) before the cluster counts as busy.
+_FREED_SETTLE_S = 3.0
 
 
 def start_group(scaling: ScalingConfig, backend: BackendSetup,
@@ -41,6 +44,8 @@ def start_group(scaling: ScalingConfig, backend: BackendSetup,
     wanted, least = scaling.num_workers, scaling.least_workers
     if warm_pool.drain_other_keys(warm_key) or expect_full:
         _wait_for_room(scaling, wanted)
+    elif time.monotonic() - worker_group.last_freed < _FREED_SETTLE_S:
+        _wait_for_room(scaling, wanted, _FREED_SETTLE_S)
     timeout = settings.settings().placement_group_timeout_s
     deadline = time.monotonic() + timeout
     delay = 1.0
@@ -81,9 +86,9 @@ def start_group(scaling: ScalingConfig, backend: BackendSetup,
         delay = min(delay * 2, settings.settings().backoff_max_s)
 
 
-def _wait_for_room(scaling: ScalingConfig, wanted: int) -> None:
+def _wait_for_room(scaling: ScalingConfig, wanted: int, seconds: float = _RELEASE_WAIT_S) -> None:
     """Give Ray a moment to release the resources of actors just ended."""
-    settle = time.monotonic() + _RELEASE_WAIT_S
+    settle = time.monotonic() + seconds
     while capacity_now(scaling) < wanted and time.monotonic() < settle:
         time.sleep(0.2)
 

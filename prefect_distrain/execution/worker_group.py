@@ -7,6 +7,7 @@ workers' outboxes as Ray streaming generators (worker.py).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +23,9 @@ from ..session.context import WorkerInfo
 from .cluster import describe
 from .sync_actor import start_sync_actor
 from .worker import TrainWorker
+
+#: When a group of this process last freed its placement group (time.monotonic()).
+last_freed = float("-inf")
 
 
 @dataclass
@@ -188,11 +192,13 @@ class WorkerGroup:
                 pass
             self._sync_actor = None
         if self._placement_group is not None:
+            global last_freed
             try:
                 remove_placement_group(self._placement_group)
             except Exception:  # noqa: BLE001
                 pass
             self._placement_group = None
+            last_freed = time.monotonic()
 
 
 def _rank(actors: list, metadata: list[dict]) -> list[Member]:
