@@ -1,4 +1,5 @@
-"""Real parts only: one local Ray (4 logical CPUs) and one Prefect test server per session.
+"""Real parts only: a local Ray (4 logical CPUs; one for a run of modules that only use it) and
+one Prefect test server per session.
 
 Fixtures stop what they start, by handle. The ``env_police`` fixture fails a test that leaves
 environment variables changed in the driver (a backend must set MASTER_ADDR & co. on workers).
@@ -45,21 +46,62 @@ def load_flow(name: str):
     return module
 
 
+#: Whether a module's Ray was kept for the modules after it.
+_kept = {"ray": False}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray per test module (the multi-node modules build their own cluster); ``train``
-    must find it and leave it running."""
-    assert not ray.is_initialized()
+    must find it and leave it running. A module that left nothing running on it keeps it for
+    the next modules that use it (one start, not one a module)."""
     import flaky_fs
     import s3_faults
 
     flaky_fs.arm(None)
     s3_faults.register()
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the setup hook
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=True, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": _install_flaky_protocol})
+    if not ray.is_initialized():
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the setup hook
+        ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=True,
+                 log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": _install_flaky_protocol})
     yield
-    ray.shutdown()
+    _kept["ray"] = _nothing_left_running()
+    if not _kept["ray"]:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kept_ray_only_where_it_is_used(request):
+    """Ends a kept Ray before a module that does not use ``ray_cluster`` or is marked
+    ``own_ray`` (it starts its own Ray in this process), and at the end of the session."""
+    tests = [item for item in request.session.items if item.module is request.module]
+    used = any("ray_cluster" in item.fixturenames for item in tests)
+    if _kept["ray"] and (not used or request.node.get_closest_marker("own_ray")):
+        ray.shutdown()
+        _kept["ray"] = False
+    yield
+    if _kept["ray"] and tests and tests[-1] is request.session.items[-1]:
+        ray.shutdown()
+        _kept["ray"] = False
+
+
+#: Actors Ray Data starts for itself and keeps for the session.
+_RAY_DATA_ACTORS = {"_StatsActor", "_AutoscalingCoordinatorActor", "AutoscalingRequester"}
+
+
+def _nothing_left_running() -> bool:
+    """No live actor but Ray Data's own and no placement group left on the module's Ray."""
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                             filters=[("state", "!=", "DEAD")], limit=1000)
+    except Exception:  # noqa: BLE001 - unsure: start the next module afresh
+        return False
+    if any(a.class_name not in _RAY_DATA_ACTORS for a in actors):
+        return False
+    return all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from prefect_distrain.blocks import CheckpointStorage, RayCluster
 from prefect_distrain.exceptions import ConfigurationError
 from prefect_distrain.execution.ray_auth import redact_address, reload_ray_auth
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.own_ray]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -28,7 +28,7 @@ pytest.importorskip("prefect_ray")
 
 from prefect_distrain.prefect.ray_runner import DistrainRayTaskRunner, flow_api_url  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.own_ray]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE_PATH = os.path.join(ROOT, "flows", "ray_pipeline.py")

@@ -44,6 +44,8 @@ import prefect_distrain as pd
 from prefect_distrain.checkpoints.fs import redact_url
 from prefect_distrain.checkpoints.manager import upload_plan
 
+pytestmark = pytest.mark.own_ray  # a Ray of two nodes of its own, in this process
+
 #: The variables the torch backend sets on every worker, as torchrun would.
 TORCHRUN_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                       "LOCAL_WORLD_SIZE", "NODE_RANK")
