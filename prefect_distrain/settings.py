@@ -53,6 +53,10 @@ class DistrainSettings(BaseSettings):
         "warm for the next train (or sweep trial) of the same flow run with the same backend and "
         "scaling, which then starts in a fraction of a second; 0 keeps none. It holds its "
         "workers' resources meanwhile, and ends at once when a run of this process needs them.")
+    upload_memory_mb: int = Field(
+        default=128, ge=5, description="About how much of a checkpoint's files a rank holds in "
+        "memory while it uploads them to an object store that takes them in parts (S3): 16 MiB "
+        "parts, 4 of a file at once. More is not faster on a fast link; less holds less.")
     allow_autoscaling: bool = Field(
         default=False, description="Skip the 'can this cluster ever hold the group' check, "
                                    "for clusters with an autoscaler.")

@@ -132,6 +132,49 @@ def manifests_scored(values, attribute="val") -> list[Manifest]:
             for i, v in enumerate(values, start=1)]
 
 
+def test_an_upload_to_s3_holds_at_most_its_memory_budget_of_file_bytes(s3_storage, tmp_path):
+    """Large files go up in 16 MiB parts, a few at once; small ones whole, as many as fit: the
+    bytes sent at once stay within the budget (s3fs's defaults sent 138 MiB of these files at
+    once), and every object is the file it came from."""
+    import asyncio
+    import threading
+
+    from s3fs import S3FileSystem
+
+    from prefect_distrain.checkpoints.fs import put_files
+
+    class Metered(S3FileSystem):
+        """Counts the body bytes of the requests in flight."""
+
+        in_flight = peak = 0
+        lock = threading.Lock()
+
+        async def _call_s3(self, method, *args, **kwargs):
+            size = len(kwargs.get("Body") or b"")
+            with self.lock:
+                type(self).in_flight += size
+                type(self).peak = max(type(self).peak, type(self).in_flight)
+            try:
+                await asyncio.sleep(0.01)  # let every request the batch starts begin
+                return await super()._call_s3(method, *args, **kwargs)
+            finally:
+                with self.lock:
+                    type(self).in_flight -= size
+
+    sizes = [40 * 2**20] * 3 + [3 * 2**20] * 6 + [10]
+    local, remote = [], []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(os.urandom(size))
+        local.append(str(path))
+        remote.append(f"models/metered/f{i}")
+    fs = Metered(**s3_storage["storage_options"], skip_instance_cache=True)
+    put_files(fs, local, remote, memory_bytes=64 * 2**20)
+    assert 0 < Metered.peak <= 64 * 2**20
+    for path, key in zip(local, remote):
+        assert fs.cat_file(key) == open(path, "rb").read()
+
+
 def test_retention_keeps_n_best_plus_latest_and_protected():
     manifests = manifests_scored([5, 1, 4, 2, 3])
     keep = lambda *a, **k: [m.index for m in retained(manifests, *a, **k)]  # noqa: E731

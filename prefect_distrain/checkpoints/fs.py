@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -90,6 +91,52 @@ def file_digest(path: str) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+#: The size of the parts a multipart upload sends (S3's least is 5 MiB).
+PART_BYTES = 16 * 2**20
+#: Parts of one file in flight at once (s3fs's default is 10 of 50 MiB).
+PARTS_PER_FILE = 4
+#: The most parts of one multipart upload (S3's limit).
+MAX_PARTS = 10_000
+
+
+def _uploads_in_parts(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs._put_file`` takes a part size and a number of parts in flight (s3fs), here
+    or in a class it wraps (a subclass whose ``_put_file`` passes ``**kwargs`` on)."""
+    for cls in type(fs).__mro__:
+        method = cls.__dict__.get("_put_file")
+        if method is not None and {"chunksize", "max_concurrency"} <= set(
+                inspect.signature(method).parameters):
+            return True
+    return False
+
+
+def put_files(fs: fsspec.AbstractFileSystem, local_paths: list[str], remote_paths: list[str],
+              memory_bytes: int) -> None:
+    """``fs.put`` of the files, holding at most about ``memory_bytes`` of them in memory where
+    the filesystem uploads in parts (s3fs): its defaults read 10 parts of 50 MiB of every file
+    it puts at once (a 2 GB checkpoint held 1 GB more). Files that go up in one request (under
+    two parts) go first, as many at once as fit; then the larger ones, in parts; a file too big
+    for 10,000 such parts alone, one part at a time, in parts as large as it needs."""
+    if not local_paths:
+        return
+    if not _uploads_in_parts(fs):
+        fs.put(local_paths, remote_paths)
+        return
+    parts = max(1, memory_bytes // PART_BYTES)
+    per_file = min(PARTS_PER_FILE, parts)
+    sizes = [os.path.getsize(p) for p in local_paths]
+    groups = (  # (which files, files at once, part size, parts of a file at once)
+        (lambda size: size < 2 * PART_BYTES, max(1, parts // 2), PART_BYTES, 1),
+        (lambda size: 2 * PART_BYTES <= size <= MAX_PARTS * PART_BYTES,
+         max(1, parts // per_file), PART_BYTES, per_file),
+        (lambda size: size > MAX_PARTS * PART_BYTES, 1, None, 1))
+    for picks, batch, part, concurrency in groups:
+        chosen = [i for i, size in enumerate(sizes) if picks(size)]
+        if chosen:
+            fs.put([local_paths[i] for i in chosen], [remote_paths[i] for i in chosen],
+                   batch_size=batch, chunksize=part, max_concurrency=concurrency)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:

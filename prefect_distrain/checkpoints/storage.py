@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
 
+from .. import settings
 from ..exceptions import CheckpointUploadError, DistrainError, StorageError
 from . import fs as fsutil
 from .checkpoint import Checkpoint
@@ -61,6 +62,10 @@ class RunStorage:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     #: How uploads and record writes are retried (``CheckpointConfig(upload_retries=...)``).
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: About how many bytes of checkpoint files a rank holds in memory while it uploads them
+    #: (PREFECT_DISTRAIN_UPLOAD_MEMORY_MB, read where this is built: on the driver).
+    upload_memory_bytes: int = field(
+        default_factory=lambda: settings.settings().upload_memory_mb * 2**20)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "storage", fsutil.absolute_url(self.storage))
@@ -151,7 +156,8 @@ class RunStorage:
         files named in ``skip`` (a lower rank uploads those).
 
         Returns each uploaded file's size, sha256 and rank, for the manifest. Files go up in
-        one ``fs.put`` call, which object stores run concurrently and in multipart; a transient
+        ``fs.put`` calls, which object stores run concurrently and in multipart, with about
+        PREFECT_DISTRAIN_UPLOAD_MEMORY_MB of them in memory at once; a transient
         failure puts them all again (on a fresh filesystem), up to the retry policy. The
         hashes are computed while the files go up (hashlib releases the GIL), not before.
         """
@@ -172,8 +178,7 @@ class RunStorage:
             fs, _ = self.filesystem(fresh)
             for remote in {p.rsplit("/", 1)[0] for p in remote_paths} | {target}:
                 fsutil.ensure_folder(fs, remote)
-            if local_paths:
-                fs.put(local_paths, remote_paths)
+            fsutil.put_files(fs, local_paths, remote_paths, self.upload_memory_bytes)
 
         try:
             with_retries(f"uploading checkpoint {index} from rank {rank}", self.retry, put,
