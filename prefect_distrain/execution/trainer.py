@@ -328,6 +328,8 @@ class Trainer:
                     else None, preemption_grace_s=failure.preemption_grace_s,
                     shutdown_requested=shutdown_requested, validations=validations)
                 data = fingerprints(datasets, storage.run_url, storage.storage_options)
+                if needs_tasks(datasets):  # reading a URL runs Ray tasks: refused, not waiting
+                    check_cpus_left_for_data(self.scaling, len(self._group))
                 return self._attempts(spec, resume_from_checkpoint,
                                       resolve_datasets(datasets, storage.run_url,
                                                        storage.storage_options),

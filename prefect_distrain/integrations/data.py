@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ from ..exceptions import ConfigurationError
 MAX_SHARES = 4096
 #: File formats a dataset URL may hold, by file extension.
 FORMATS = {".parquet": "parquet", ".csv": "csv"}
+#: Held while a parquet read sets Ray Data's reader choice aside.
+_READER_CHOICE = threading.Lock()
 
 
 def import_ray_data() -> Any:
@@ -121,16 +124,21 @@ def read_dataset(url: str, storage_options: Mapping[str, Any] | None = None,
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         filesystem = PyFileSystem(FSSpecHandler(fs))  # Ray Data reads through the same fs
+    # One read task per file: blocks then follow the files, not the cluster's CPU count (which
+    # Ray's default multiplies them by), so a pass splits the same way after a node is lost
+    # and a data position still names the same rows.
+    blocks = {"override_num_blocks": len(files)}
     if format == "csv":
-        return data.read_csv(files, filesystem=filesystem)
-    context = data.DataContext.get_current()
-    v2 = getattr(context, "use_datasource_v2", False)
-    context.use_datasource_v2 = False  # decided at read time only; the dataset keeps a copy
-    try:
-        return data.read_parquet(files, filesystem=filesystem)
-    finally:
-        if v2:
-            context.use_datasource_v2 = v2
+        return data.read_csv(files, filesystem=filesystem, **blocks)
+    with _READER_CHOICE:  # one read at a time: two must not restore each other's choice
+        context = data.DataContext.get_current()
+        v2 = getattr(context, "use_datasource_v2", False)
+        context.use_datasource_v2 = False  # decided at read time only; the dataset keeps a copy
+        try:
+            return data.read_parquet(files, filesystem=filesystem, **blocks)
+        finally:
+            if v2:
+                context.use_datasource_v2 = v2
 
 
 def resolve_datasets(datasets: Mapping[str, Any] | None, storage_url: str = "",
