@@ -60,6 +60,7 @@ def ray_cluster():
 
     flaky_fs.arm(None)
     s3_faults.register()
+    assert _kept["ray"] or not ray.is_initialized(), "a Ray no fixture started is connected"
     if not ray.is_initialized():
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the setup hook
         ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=True,
@@ -91,7 +92,8 @@ _RAY_DATA_ACTORS = {"_StatsActor", "_AutoscalingCoordinatorActor", "AutoscalingR
 
 
 def _nothing_left_running() -> bool:
-    """No live actor but Ray Data's own and no placement group left on the module's Ray."""
+    """No live actor but Ray Data's own, no task holding a CPU and no placement group left on
+    the module's Ray."""
     from ray.util.state import list_actors
 
     try:
@@ -101,6 +103,8 @@ def _nothing_left_running() -> bool:
         return False
     if any(a.class_name not in _RAY_DATA_ACTORS for a in actors):
         return False
+    if ray.available_resources().get("CPU") != ray.cluster_resources().get("CPU"):
+        return False  # a task still running
     return all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
 
 

@@ -33,10 +33,11 @@ PRELOADED = ("ray", "pydantic", "pydantic_settings", "fsspec", "numpy", "pandas"
              "torch", "prefect", "rich", "typer")
 
 _FORK_PER_MODULE = textwrap.dedent("""
-    import importlib, json, os, sys, traceback
+    import importlib, importlib.util, json, os, sys, traceback
     preloaded, modules = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     for name in preloaded:
-        importlib.import_module(name)
+        if importlib.util.find_spec(name) is not None:  # extras may be missing
+            importlib.import_module(name)
     assert not [m for m in sys.modules if m.startswith("prefect_distrain")]
     failed, running = {}, {}
 
@@ -58,7 +59,7 @@ _FORK_PER_MODULE = textwrap.dedent("""
                 importlib.import_module(module)
                 os._exit(0)
             except BaseException:
-                os.write(write, traceback.format_exc().encode())
+                os.write(write, traceback.format_exc()[-2000:].encode())  # fits the pipe
                 os._exit(1)
         os.close(write)
         running[pid] = (module, read)

@@ -174,6 +174,12 @@ def capacity_now(scaling: ScalingConfig) -> int:
     return fits(scaling.worker_resources, ray.available_resources())
 
 
+def could_hold(scaling: ScalingConfig) -> bool:
+    """Whether the cluster's resources, free or not, hold ``num_workers`` (not after a node
+    was lost, say)."""
+    return fits(scaling.worker_resources, ray.cluster_resources()) >= scaling.num_workers
+
+
 def check_cluster_can_hold(scaling: ScalingConfig) -> None:
     """Fail in seconds, not after a timeout, when the cluster can never hold the group (its
     smallest allowed size, for an elastic group)."""

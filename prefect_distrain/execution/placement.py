@@ -16,7 +16,7 @@ from ..config import ScalingConfig
 from ..exceptions import ResourcesUnavailableError
 from . import warm_pool, worker_group
 from .backend_setup import BackendSetup
-from .cluster import capacity_now
+from .cluster import capacity_now, could_hold
 from .worker_group import WorkerGroup
 
 #: After a scale-up decision, how long to wait for the old group's resources to come back
@@ -44,7 +44,7 @@ def start_group(scaling: ScalingConfig, backend: BackendSetup,
     wanted, least = scaling.num_workers, scaling.least_workers
     if warm_pool.drain_other_keys(warm_key) or expect_full:
         _wait_for_room(scaling, wanted)
-    elif time.monotonic() - worker_group.last_freed < _FREED_SETTLE_S:
+    elif time.monotonic() - worker_group.last_freed < _FREED_SETTLE_S and could_hold(scaling):
         _wait_for_room(scaling, wanted, _FREED_SETTLE_S)
     timeout = settings.settings().placement_group_timeout_s
     deadline = time.monotonic() + timeout
