@@ -13,6 +13,7 @@ created = create_exclusive(fs, path + "/claim.json", b"{}")  # False: someone cr
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -101,10 +102,11 @@ PARTS_PER_FILE = 4
 MAX_PARTS = 10_000
 
 
-def _uploads_in_parts(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether ``fs._put_file`` takes a part size and a number of parts in flight (s3fs), here
-    or in a class it wraps (a subclass whose ``_put_file`` passes ``**kwargs`` on)."""
-    for cls in type(fs).__mro__:
+@functools.cache
+def _uploads_in_parts(fs_class: type) -> bool:
+    """Whether ``_put_file`` takes a part size and a number of parts in flight (s3fs), in the
+    class or one it wraps (a subclass whose ``_put_file`` passes ``**kwargs`` on)."""
+    for cls in fs_class.__mro__:
         method = cls.__dict__.get("_put_file")
         if method is not None and {"chunksize", "max_concurrency"} <= set(
                 inspect.signature(method).parameters):
@@ -121,7 +123,7 @@ def put_files(fs: fsspec.AbstractFileSystem, local_paths: list[str], remote_path
     for 10,000 such parts alone, one part at a time, in parts as large as it needs."""
     if not local_paths:
         return
-    if not _uploads_in_parts(fs):
+    if not _uploads_in_parts(type(fs)):
         fs.put(local_paths, remote_paths)
         return
     parts = max(1, memory_bytes // PART_BYTES)
