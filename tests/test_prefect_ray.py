@@ -454,8 +454,11 @@ def test_the_example_pipeline_runs_on_the_ephemeral_api_with_one_prefect_server(
     URL), a temporary local Ray. Only the flow's process starts a Prefect server."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PREFECT_") and k != "RAY_ADDRESS"}
+    # A fresh database is migrated first: on 2 busy cores that outlasts the 20 s default wait
+    # (the CI run of 2026-12-03 timed out here), as `make quickstart` knows too.
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
                PIPELINE_STORAGE=str(tmp_path / "runs"), RAY_DEDUP_LOGS="0")
     began = time.monotonic()
     done = subprocess.run([sys.executable, PIPELINE_PATH], capture_output=True, text=True,
