@@ -223,23 +223,25 @@ def memory_loop(config):
 
 
 def recovery_loop(config):
-    """Rank 1 is SIGKILLed at its first step of epoch 1 on attempt 0 (writing the time first);
+    """Rank 1 is SIGKILLed at its first step of epoch 1 of the first attempt (writing the time
+    to ``kill_file`` first; the file marks the later attempts, the same way under both APIs);
     every attempt returns when its first step ended."""
     import torch
 
-    import prefect_distrain as pd
-
-    ctx = pd.get_context()
-    model = pd.torch.prepare_model(_model(0))
+    train, train_torch = _api(config["api"])
+    rank = train.get_context().get_world_rank()
+    first_attempt = not os.path.exists(config["kill_file"])
+    model = train_torch.prepare_model(_model(0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, 32), torch.randn(64, 1)
     start = 0
-    if (checkpoint := pd.get_checkpoint()) is not None:
-        start = pd.torch.load_state(checkpoint, "state.pt")["epoch"] + 1
+    if (checkpoint := train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            start = torch.load(os.path.join(folder, "state.pt"))["epoch"] + 1
     first_step = None
     for epoch in range(start, config["epochs"]):
         for _ in range(config["steps"]):
-            if (ctx.get_attempt(), epoch, ctx.get_world_rank()) == (0, 1, 1):
+            if first_attempt and (epoch, rank) == (1, 1):
                 with open(config["kill_file"], "w") as handle:
                     handle.write(repr(time.time()))
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -248,11 +250,11 @@ def recovery_loop(config):
             optimizer.step()
             first_step = first_step or time.time()
         with tempfile.TemporaryDirectory() as folder:
-            if ctx.get_world_rank() == 0:
+            if rank == 0:
                 torch.save({"epoch": epoch}, os.path.join(folder, "state.pt"))
-            pd.report({"epoch": epoch}, checkpoint=pd.Checkpoint.from_directory(folder)
-                      if ctx.get_world_rank() == 0 else None)
-    return {"first_step": first_step, "attempt": ctx.get_attempt()}
+            train.report({"epoch": epoch},
+                         checkpoint=train.Checkpoint.from_directory(folder) if rank == 0 else None)
+    return _returned(train, {"first_step": first_step, "first_attempt": first_attempt})
 
 
 def scaling_loop(config):

@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_no_train_actors
 
 import prefect_distrain as pd
+from prefect_distrain.execution import warm_pool
 
 pytest.importorskip("horovod", reason="run scripts/install_horovod.sh (make test does)")
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -38,6 +39,41 @@ def test_allreduce_and_ranks_and_a_second_train_in_the_same_process(tmp_path):
         assert [(r["rank"], r["context_rank"], r["local_rank"]) for r in results] == \
             [(0, 0, 0), (1, 1, 1)]
         assert {(r["size"], r["local_size"], r["cross_size"]) for r in results} == {(2, 2, 1)}
+    assert_no_train_actors()
+
+
+def world_loop():
+    """The world a run finds, then something left behind for the next run."""
+    import horovod.torch as hvd
+    import torch
+
+    joined_before = hvd.is_initialized()
+    hvd.init()
+    total = hvd.allreduce(torch.tensor([hvd.rank() + 1.0]), op=hvd.Sum)
+    found = {"pid": os.getpid(), "joined_before": joined_before, "rank": hvd.rank(),
+             "size": hvd.size(), "sum": total.item(),
+             "port": os.environ["HOROVOD_GLOO_RENDEZVOUS_PORT"],
+             "leak": os.environ.get("HOROVOD_LEAK")}
+    os.environ["HOROVOD_LEAK"] = "left by the previous run"
+    return found
+
+
+def test_a_warm_group_joins_a_new_world_in_the_same_processes(tmp_path):
+    runs = []
+    for name in ("first", "second"):
+        with pd.Trainer(backend="horovod", num_workers=2, keep_warm=True,
+                        run=pd.RunConfig(name=name, storage=str(tmp_path))) as trainer:
+            runs.append(trainer.run(world_loop))
+        assert trainer.backend.backend.server is None, "each run's rendezvous server stops"
+    assert warm_pool.drain() == 1
+    first, second = runs
+    assert [r["pid"] for r in second] == [r["pid"] for r in first], "the warm group served"
+    for results in runs:
+        assert [(r["rank"], r["size"], r["sum"]) for r in results] == [(0, 2, 3.0), (1, 2, 3.0)]
+        assert {r["joined_before"] for r in results} == {False}, "hvd.shutdown() between runs"
+        assert {r["leak"] for r in results} == {None}
+        assert len({r["port"] for r in results}) == 1
+    assert first[0]["port"] != second[0]["port"], "a new rendezvous server for the new world"
     assert_no_train_actors()
 
 
@@ -127,17 +163,28 @@ def horovod_keras_loop(config):
     model.fit(data, epochs=config["epochs"], verbose=0,
               callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
                          pd.tensorflow.ReportCheckpointCallback(checkpoint_every=None)])
-    return {"weights": model.get_weights(), "keras": tf.keras.Sequential.__module__}
+    return {"weights": model.get_weights(), "keras": tf.keras.Sequential.__module__,
+            "layers": [layer.name for layer in model.layers], "pid": os.getpid()}
 
 
-def test_horovod_tensorflow_keras_weights_identical(tmp_path):
-    with pd.Trainer(backend="horovod", num_workers=2,
-                    run=pd.RunConfig(name="hvd-keras", storage=str(tmp_path))) as trainer:
-        result = trainer.fit(horovod_keras_loop, config={"epochs": 3})
-    first, second = result.worker_results
-    assert first["keras"].startswith("tf_keras.")
-    assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))
-    assert [m["epoch"] for m in result.metrics_history] == [0, 1, 2]
+def test_horovod_tensorflow_keras_weights_identical_and_again_on_a_warm_group(tmp_path):
+    """The second run takes the first one's processes (Keras and Horovod already imported):
+    it must train exactly as the first did, under the same layer names."""
+    results = []
+    for name in ("hvd-keras", "hvd-keras-warm"):
+        with pd.Trainer(backend="horovod", num_workers=2, keep_warm=True,
+                        run=pd.RunConfig(name=name, storage=str(tmp_path))) as trainer:
+            results.append(trainer.fit(horovod_keras_loop, config={"epochs": 3}))
+    assert warm_pool.drain() == 1
+    for result in results:
+        first, second = result.worker_results
+        assert first["keras"].startswith("tf_keras.")
+        assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))
+        assert [m["epoch"] for m in result.metrics_history] == [0, 1, 2]
+    cold, warm = (result.worker_results for result in results)
+    assert [r["pid"] for r in warm] == [r["pid"] for r in cold]
+    assert warm[0]["layers"] == cold[0]["layers"] == ["dense", "dense_1"]
+    assert all(np.array_equal(a, b) for a, b in zip(cold[0]["weights"], warm[0]["weights"]))
     assert_no_train_actors()
 
 

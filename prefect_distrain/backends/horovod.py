@@ -65,15 +65,13 @@ def _set_env_by_rank(values_by_rank: list[dict[str, str]]) -> None:
 
 
 def _shutdown_horovod() -> None:
-    """Leave the world this worker joined (if the function called hvd.init())."""
+    """Leave the world this worker joined (if the function called hvd.init()): a warm group's
+    next run joins a new one with ``hvd.init()``."""
     import sys
 
     for module in ("horovod.torch", "horovod.tensorflow"):
-        if module in sys.modules:
-            try:
-                sys.modules[module].shutdown()
-            except Exception:  # noqa: BLE001 - the actor is killed right after anyway
-                pass
+        if module in sys.modules:  # a failure here: the group is not kept warm, it ends
+            sys.modules[module].shutdown()
     _set_env({})
 
 
@@ -157,6 +155,9 @@ class HorovodConfig(BackendConfig):
 
     name: ClassVar[str] = "horovod"
     backend_cls: ClassVar[type[Backend]] = _HorovodBackend
+    #: ``hvd.shutdown()`` at a run's end, a new rendezvous server and ``hvd.init()`` at the
+    #: next: Horovod joins a new world in the same process (as its elastic mode does).
+    reusable: ClassVar[bool] = True
 
     def tuning_env(self) -> dict[str, str]:
         env = {"HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(self.timeout_s))}
