@@ -182,12 +182,20 @@ def assert_no_train_actors(timeout: float = 20.0) -> None:
                 if pg["state"] not in ("REMOVED",)], "a placement group was left behind"
 
 
-def _free_port() -> int:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free now: held open together while picked (ports picked one
+    after the other may repeat, and a Ray node refuses two components on one port)."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def _free_port() -> int:
+    return free_ports(1)[0]
 
 
 def wait_until_serving(url: str, server, timeout: float) -> None:

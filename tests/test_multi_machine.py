@@ -19,10 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import pytest
 import ray
-from conftest import _free_port, flow_run_records
+from conftest import flow_run_records, free_ports
 from prefect import flow
 
 import prefect_distrain as pd
@@ -67,8 +68,8 @@ def _stop(node: subprocess.Popen) -> None:
         pass
 
 
-def _ports(*names: str) -> list[str]:
-    return [arg for name in names for arg in (f"--{name}", str(_free_port()))]
+def _ports(ports: Iterator[int], *names: str) -> list[str]:
+    return [arg for name in names for arg in (f"--{name}", str(next(ports)))]
 
 
 def _alive_nodes(address: str, env: dict[str, str]) -> int:
@@ -99,22 +100,23 @@ def token_cluster():
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_USAGE_STATS_ENABLED="0")
-    port = _free_port()
     node_ports = ("node-manager-port", "object-manager-port", "metrics-export-port",
                   "runtime-env-agent-port", "dashboard-agent-listen-port",
                   "dashboard-agent-grpc-port")
+    ports = iter(free_ports(3 + 2 * len(node_ports)))  # distinct across both nodes
+    port = next(ports)
     common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]
     nodes = []
     try:
         nodes.append(_start_node(
             ["--head", "--port", str(port), "--temp-dir", os.path.join(base, "h"),
              "--include-dashboard", "false",
-             *_ports("dashboard-port", "ray-client-server-port", *node_ports), *common],
+             *_ports(ports, "dashboard-port", "ray-client-server-port", *node_ports), *common],
             os.path.join(base, "head.log"), env))
         address = f"127.0.0.1:{port}"
         nodes.append(_start_node(
             ["--address", address, "--temp-dir", os.path.join(base, "w"),
-             *_ports(*node_ports), *common], os.path.join(base, "worker.log"), env))
+             *_ports(ports, *node_ports), *common], os.path.join(base, "worker.log"), env))
         deadline = time.monotonic() + 60
         while _alive_nodes(address, env) < 2:
             assert time.monotonic() < deadline, "the worker node did not join the head"
