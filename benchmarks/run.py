@@ -58,6 +58,19 @@ class Bench:
         self.figures: dict[str, dict] = {}
         self.epochs, self.steps = (2, 5) if quick else (3, 20)
 
+    def ray_train(self, loop, config: dict, storage: str = "", **run_options):
+        """``loop`` under Ray Train's TorchTrainer on 2 workers (``config["api"] = "ray"``);
+        its Result. ``run_options``: more of its RunConfig (storage_filesystem, failure_config)."""
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        return TorchTrainer(loop, train_loop_config={**config, "api": "ray"},
+                            scaling_config=ScalingConfig(num_workers=2),
+                            run_config=RunConfig(name=f"rt-{time.time_ns()}",
+                                                 storage_path=storage or os.path.join(
+                                                     self.workdir, "ray"),
+                                                 **run_options)).fit()
+
     def run_config(self, name: str, **kwargs) -> pd.RunConfig:
         return pd.RunConfig(name=f"{name}-{time.time_ns()}", storage=os.path.join(
             self.workdir, "runs"), **kwargs)
@@ -80,17 +93,10 @@ class Bench:
         self.end_to_end_torchrun(ours)
 
     def end_to_end_ray_train(self, config: dict, ours: list[float]) -> None:
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
         theirs = []
-        for i in range(self.repeat):
+        for _ in range(self.repeat):
             began = time.time()
-            TorchTrainer(bench_loop, train_loop_config={**config, "api": "ray"},
-                         scaling_config=ScalingConfig(num_workers=2),
-                         run_config=RunConfig(name=f"raytrain-{i}-{time.time_ns()}",
-                                              storage_path=os.path.join(self.workdir, "ray"))
-                         ).fit()
+            self.ray_train(bench_loop, config)
             theirs.append(time.time() - began)
         ratio = statistics.median(ours) / statistics.median(theirs)
         self.figures["P1 Ray Train TorchTrainer.fit (s)"] = spread(theirs)
@@ -311,16 +317,10 @@ class Bench:
         """P2 and P3 under Ray Train's TorchTrainer: the same loops, its ``report`` every step,
         its ``checkpoint_upload_mode`` SYNC and ASYNC to local disk and to the same moto S3."""
         import pyarrow.fs
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
 
         def fit(loop, config: dict, storage: str, filesystem=None) -> dict:
-            result = TorchTrainer(loop, train_loop_config={**config, "api": "ray"},
-                                  scaling_config=ScalingConfig(num_workers=2),
-                                  run_config=RunConfig(name=f"rt-{time.time_ns()}",
-                                                       storage_path=storage,
-                                                       storage_filesystem=filesystem)).fit()
-            return result.metrics["returned"]
+            return self.ray_train(loop, config, storage,
+                                  storage_filesystem=filesystem).metrics["returned"]
 
         # Its report waits for the driver each time (about 0.5 s on this machine): fewer steps.
         config = {"warmup": 2, "steps": 5 if self.quick else 20, "rounds": 1 if self.quick else 3}
@@ -357,8 +357,7 @@ class Bench:
         """P5: a worker SIGKILLed mid-run; the time from the kill to the first step after the
         restart from the latest checkpoint, ours and Ray Train's (its FailureConfig), on the
         same loop."""
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+        from ray.train import FailureConfig
 
         config = {"epochs": 3, "steps": self.steps}
         ours, theirs = [], []
@@ -370,12 +369,8 @@ class Bench:
                                                             "kill_file": kill_file})
             ours.append(self._since_kill(result.worker_results[0], kill_file))
             kill_file = os.path.join(self.workdir, f"ray-kill-{i}")
-            result = TorchTrainer(
-                recovery_loop, train_loop_config={**config, "api": "ray", "kill_file": kill_file},
-                scaling_config=ScalingConfig(num_workers=2),
-                run_config=RunConfig(name=f"rt-p5-{time.time_ns()}",
-                                     storage_path=os.path.join(self.workdir, "ray"),
-                                     failure_config=FailureConfig(max_failures=1))).fit()
+            result = self.ray_train(recovery_loop, {**config, "kill_file": kill_file},
+                                    failure_config=FailureConfig(max_failures=1))
             theirs.append(self._since_kill(result.metrics["returned"], kill_file))
         first = self.figures["P1b time to first step (s)"]["median"]
         ratio = statistics.median(ours) / first
