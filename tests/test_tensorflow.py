@@ -14,6 +14,7 @@ import pytest
 from conftest import assert_no_train_actors
 
 import prefect_distrain as pd
+from prefect_distrain.execution import warm_pool
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -27,7 +28,9 @@ def digits_fit_loop(config):
     import tensorflow as tf
     from sklearn.datasets import load_digits
 
-    strategy = pd.tensorflow.strategy()
+    # config "direct": the strategy as Ray Train's examples make it
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if config.get("direct") \
+        else pd.tensorflow.strategy()
     digits = load_digits()
     x, y = (digits.data / 16.0).astype("float32"), digits.target.astype("int64")
     options = tf.data.Options()
@@ -63,7 +66,8 @@ def digits_fit_loop(config):
     model.fit(data, epochs=config["epochs"], initial_epoch=start, verbose=0,
               callbacks=[pd.tensorflow.ReportCheckpointCallback(), KillOnce()])
     return {"weights": model.get_weights(), "started_at": start,
-            "keras": tf.keras.Sequential.__module__, "tf_config": os.environ["TF_CONFIG"]}
+            "keras": tf.keras.Sequential.__module__, "tf_config": os.environ["TF_CONFIG"],
+            "pid": os.getpid()}
 
 
 class Recorder(pd.TrainingCallback):
@@ -74,17 +78,32 @@ class Recorder(pd.TrainingCallback):
         self.results.append(results)
 
 
-def test_model_fit_on_two_workers_keeps_weights_identical(tmp_path):
+def test_model_fit_on_two_workers_keeps_weights_identical_and_again_on_a_warm_group(tmp_path):
+    """The second run takes the first one's processes, whose TensorFlow set its collective
+    runtime up for the first run's TF_CONFIG: it gets that TF_CONFIG again, and its strategy
+    (made directly, as Ray Train's examples do) trains exactly as the first run did."""
     recorder = Recorder()
-    with pd.Trainer(backend="tensorflow", num_workers=2,
-                    run=pd.RunConfig(name="tf-fit", storage=str(tmp_path))) as trainer:
-        result = trainer.fit(digits_fit_loop, config={"epochs": 4}, callbacks=[recorder])
-    first, second = result.worker_results
+    results = []
+    for name, direct in (("tf-fit", False), ("tf-fit-warm", True)):
+        with pd.Trainer(backend="tensorflow", num_workers=2, keep_warm=True,
+                        run=pd.RunConfig(name=name, storage=str(tmp_path))) as trainer:
+            results.append(trainer.fit(digits_fit_loop, config={"epochs": 4, "direct": direct},
+                                       callbacks=[recorder]))
+    assert warm_pool.drain() == 1
+    result, warm = results
+    cold_workers, warm_workers = result.worker_results, warm.worker_results
+    assert [r["pid"] for r in warm_workers] == [r["pid"] for r in cold_workers], "warm group"
+    assert [r["tf_config"] for r in warm_workers] == [r["tf_config"] for r in cold_workers]
+    for worker in warm_workers:  # the same weights as the cold run's, on every rank
+        assert all(np.array_equal(a, b) for a, b in
+                   zip(cold_workers[0]["weights"], worker["weights"]))
+    assert [m["epoch"] for m in warm.metrics_history] == [0, 1, 2, 3]
+    first, second = cold_workers
     assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))
     assert first["keras"].startswith("tf_keras."), "tf.keras is tf-keras by default"
     assert '"index": 1' in second["tf_config"] and first["tf_config"].count(":") >= 2
-    assert [[r["epoch"] for r in results] for results in recorder.results] == \
-        [[e, e] for e in range(4)]
+    assert [[r["epoch"] for r in ranks] for ranks in recorder.results] == \
+        [[e, e] for e in range(4)] * 2
     accuracy = [m["accuracy"] for m in result.metrics_history]
     assert accuracy[-1] > accuracy[0], f"accuracy did not rise: {accuracy}"
     assert result.checkpoint.index == 4
