@@ -548,8 +548,13 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def show(figures: dict, machine: dict) -> str:
-    lines = [f"machine: {machine['cpus']} CPUs, {machine['platform']}, python {machine['python']}",
-             "", "| figure | value | goal |", "|---|---|---|"]
+    return (f"machine: {machine['cpus']} CPUs, {machine['platform']}, python "
+            f"{machine['python']}\n\n{table(figures)}")
+
+
+def table(figures: dict) -> str:
+    """The figures as a markdown table, each with its goal and met / NOT met."""
+    lines = ["| figure | value | goal |", "|---|---|---|"]
     for name, figure in figures.items():
         if "median" in figure:
             value = (f"{figure['median']:.3f} (min {figure['min']:.3f}, "
@@ -586,7 +591,7 @@ def write_readme(readme: str, figures: dict, machine: dict) -> None:
         f"({machine['repeat']} runs per figure); {machine['cpus']} CPUs, "
         f"{machine['platform']}, python {machine['python']}, Ray {machine['ray']} local with 4 "
         f"logical CPUs, {versions}. The raw numbers are in [results.json](results.json).",
-        "", show(figures, machine).split("\n", 2)[2], TABLE_END])
+        "", table(figures), TABLE_END])
     with open(readme) as handle:
         text = handle.read()
     if TABLE_START not in text or TABLE_END not in text:
