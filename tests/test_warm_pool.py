@@ -6,6 +6,7 @@ idle timeout) ends them."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -119,3 +120,20 @@ def test_only_the_same_backend_config_takes_a_group_and_idle_groups_end(tmp_path
     assert warm_pool.idle_groups() == 0
     assert_no_train_actors()
     assert live_train_actors() == []
+
+
+def test_a_warm_group_that_lost_a_worker_is_not_taken(tmp_path):
+    """A worker killed while its group is warm (or resting after its run): the next run ends
+    that group and starts its own, which trains."""
+    def run(name):
+        with pd.Trainer(num_workers=2, keep_warm=True,
+                        run=pd.RunConfig(name=name, storage=str(tmp_path))) as trainer:
+            return trainer.run(state_loop, config={})
+
+    first = run("a")
+    os.kill(first[1]["pid"], signal.SIGKILL)
+    second = run("b")
+    assert not {r["pid"] for r in second} & {r["pid"] for r in first}
+    assert [r["sum"] for r in second] == [3.0, 3.0] and [r["leak"] for r in second] == [None] * 2
+    assert warm_pool.drain() == 1  # the second run's group; the first one's ended
+    assert_no_train_actors()

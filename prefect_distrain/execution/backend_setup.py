@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-from .. import settings
 from ..backends import BackendConfig
 from .worker_group import WorkerGroup
 
@@ -38,10 +37,11 @@ class BackendSetup:
 
     def group_rests(self, group: WorkerGroup) -> None:
         """After a clean run, for a group kept warm for the next run (warm_pool.py): leave the
-        framework's runtime and put every worker back as it started. Raises if either fails
-        (the group then ends instead); the next run's ``group_started`` sets it up anew."""
+        framework's runtime (raises if that fails: the group then ends instead) and begin
+        putting every worker back as it started (the taker waits for that, placement.py);
+        the next run's ``group_started`` sets the backend up anew."""
         self.backend.on_shutdown(group, self.config)
-        group.rest(settings.settings().shutdown_timeout_s)
+        group.rest()
 
     def group_ends(self, group: WorkerGroup | None, graceful: bool) -> None:
         """Before the group's actors are killed: a graceful shutdown after a clean run (its

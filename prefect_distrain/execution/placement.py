@@ -95,10 +95,11 @@ def _wait_for_room(scaling: ScalingConfig, wanted: int, seconds: float = _RELEAS
 
 def _take_warm(key: tuple, backend: BackendSetup,
                logger: logging.Logger | logging.LoggerAdapter) -> WorkerGroup | None:
-    """A warm group left under ``key`` with the backend set up anew; one that does not answer
-    ends and the next is tried. None when there is none."""
+    """A warm group left under ``key``, its rest done and the backend set up anew; one that
+    failed its rest or does not answer ends and the next is tried. None when there is none."""
     while (warm := warm_pool.take(key)) is not None:
         try:
+            warm.group.rested(settings.settings().shutdown_timeout_s)
             backend.group_started(warm.group)
         except Exception as error:  # noqa: BLE001 - a dead group ends; a fresh one starts
             logger.info("A warm worker group could not be reused (%s)", error)

@@ -6,8 +6,9 @@ Only a run with the same key takes a group: the backend config, the scaling, and
 and ``ray_init_kwargs`` (its runtime_env) the group was started with. A group is left here only
 after a clean run, at its full size, by a backend that can set itself up again in the same
 processes (``BackendConfig.reusable``). Between runs its workers have left the backend (the
-torch process group is destroyed), hold no session and have the environment they started with;
-the taker sets the backend up anew.
+torch process group is destroyed), hold no session and have the environment they started with
+(that rest goes on in the workers after the run returns; the taker waits for it); the taker
+sets the backend up anew.
 
 A group ends (its actors killed) when the flow run that left it ends, when a run of this process
 starts with another key (it would hold resources that run's workers, data or validation tasks

@@ -49,6 +49,7 @@ class WorkerGroup:
         self.members: list[Member] = []
         self._placement_group = None
         self._sync_actor = None  # barrier / broadcast_from_rank_zero (collective.py)
+        self._resting: list = []  # the workers' rests under way (``rest``)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -173,9 +174,16 @@ class WorkerGroup:
         return [m.actor.run.remote(fn_blob, pass_config, config, args)
                 for m, args in zip(self.members, session_args)]
 
-    def rest(self, timeout: float) -> list[int]:
-        """Every worker back to its state at start, between two runs (worker.py); the pids."""
-        return ray.get([m.actor.rest.remote() for m in self.members], timeout=timeout)
+    def rest(self) -> None:
+        """Every worker back to its state at start, between two runs (worker.py). It goes on
+        in the workers while the flow does what comes next; the next run waits for it
+        (``rested``), so a flow that ends after its last run never waits for it at all."""
+        self._resting = [m.actor.rest.remote() for m in self.members]
+
+    def rested(self, timeout: float) -> list[int]:
+        """Wait for the rest ``rest`` began; the pids. Raises if a worker failed it."""
+        resting, self._resting = self._resting, []
+        return ray.get(resting, timeout=timeout)
 
     def shutdown(self) -> None:
         """Kill every actor and free the placement group. Safe to call twice."""
