@@ -79,9 +79,9 @@ class TrainWorker:
     def set_info(self, info: WorkerInfo) -> None:
         set_worker_info(info)
 
-    def rest(self) -> int:
+    def rest(self) -> None:
         """Between two runs of a warm group (warm_pool.py): no session, and the environment
-        the process started with (a backend sets its own again at the next start); its pid."""
+        the process started with (a backend sets its own again at the next start)."""
         self.session = None
         set_current_session(None)
         new_run()
@@ -89,7 +89,6 @@ class TrainWorker:
             del os.environ[key]
         os.environ.update(self._env_at_start)
         gc.collect()  # the last run's model, optimizer and data go now, not during the next
-        return os.getpid()
 
     def execute(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)

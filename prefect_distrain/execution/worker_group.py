@@ -180,10 +180,10 @@ class WorkerGroup:
         (``rested``), so a flow that ends after its last run never waits for it at all."""
         self._resting = [m.actor.rest.remote() for m in self.members]
 
-    def rested(self, timeout: float) -> list[int]:
-        """Wait for the rest ``rest`` began; the pids. Raises if a worker failed it."""
+    def rested(self, timeout: float) -> None:
+        """Wait for the rest ``rest`` began. Raises if a worker failed it."""
         resting, self._resting = self._resting, []
-        return ray.get(resting, timeout=timeout)
+        ray.get(resting, timeout=timeout)
 
     def shutdown(self) -> None:
         """Kill every actor and free the placement group. Safe to call twice."""
