@@ -5,12 +5,13 @@ idle timeout) ends them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 
 import pytest
-from conftest import assert_no_train_actors, live_train_actors
+from conftest import Records, assert_no_train_actors, live_train_actors
 from prefect import flow
 
 import prefect_distrain as pd
@@ -123,17 +124,54 @@ def test_only_the_same_backend_config_takes_a_group_and_idle_groups_end(tmp_path
 
 
 def test_a_warm_group_that_lost_a_worker_is_not_taken(tmp_path):
-    """A worker killed while its group is warm (or resting after its run): the next run ends
-    that group and starts its own, which trains."""
+    """A worker killed while its group rests after its run: the next run's wait for the rest
+    fails, so it ends that group and starts its own, which trains."""
+    logger = logging.getLogger("test_warm_pool.lost_worker")
+    records = Records()
+    logger.handlers[:] = [records]
+    logger.setLevel(logging.INFO)
+
+    def run(name):
+        with pd.Trainer(num_workers=2, keep_warm=True, logger=logger,
+                        run=pd.RunConfig(name=name, storage=str(tmp_path))) as trainer:
+            return trainer.run(state_loop, config={}), trainer._warm_key()
+
+    first, key = run("a")
+    warm = warm_pool.take(key)
+    warm.group.rested(30.0)  # the first run's rest is done: the next one is the one under test
+    os.kill(first[1]["pid"], signal.SIGKILL)
+    warm.group.rest()  # a rest one worker cannot finish: it is gone
+    warm_pool.give(warm, idle_s=60.0)
+    second, _ = run("b")
+    assert not {r["pid"] for r in second} & {r["pid"] for r in first}
+    assert [r["sum"] for r in second] == [3.0, 3.0] and [r["leak"] for r in second] == [None] * 2
+    assert any(m.startswith("A warm worker group could not be reused (ActorDiedError")
+               for m in records.messages), records.messages
+    assert warm_pool.drain() == 1  # the second run's group; the first one's ended
+    assert_no_train_actors()
+
+
+def _slow_rest_mark() -> None:
+    time.sleep(2.0)
+    os.environ["WARM_POOL_LEAK"] = "set at the end of a slow rest"
+
+
+def test_the_next_run_waits_for_the_workers_rest(tmp_path):
+    """The rest of a warm group goes on after its run returned; a run that takes the group
+    starts on it only once the rest is over (here a rest that takes 2 s and marks the
+    workers at its end: the next run's function sees the mark on every rank)."""
     def run(name):
         with pd.Trainer(num_workers=2, keep_warm=True,
                         run=pd.RunConfig(name=name, storage=str(tmp_path))) as trainer:
-            return trainer.run(state_loop, config={})
+            return trainer.run(state_loop, config={}), trainer._warm_key()
 
-    first = run("a")
-    os.kill(first[1]["pid"], signal.SIGKILL)
-    second = run("b")
-    assert not {r["pid"] for r in second} & {r["pid"] for r in first}
-    assert [r["sum"] for r in second] == [3.0, 3.0] and [r["leak"] for r in second] == [None] * 2
-    assert warm_pool.drain() == 1  # the second run's group; the first one's ended
+    first, key = run("a")
+    warm = warm_pool.take(key)
+    warm.group.rested(30.0)
+    warm.group._resting = [m.actor.execute.remote(_slow_rest_mark) for m in warm.group.members]
+    warm_pool.give(warm, idle_s=60.0)
+    second, _ = run("b")
+    assert [r["pid"] for r in second] == [r["pid"] for r in first]
+    assert [r["leak"] for r in second] == ["set at the end of a slow rest"] * 2
+    assert warm_pool.drain() == 1
     assert_no_train_actors()

@@ -102,9 +102,13 @@ def _take_warm(key: tuple, backend: BackendSetup,
             warm.group.rested(settings.settings().shutdown_timeout_s)
             backend.group_started(warm.group)
         except Exception as error:  # noqa: BLE001 - a dead group ends; a fresh one starts
-            logger.info("A warm worker group could not be reused (%s)", error)
+            logger.info("A warm worker group could not be reused (%s: %s)", type(error).__name__,
+                        error)
             warm_pool.end(warm)
             continue
+        except BaseException:  # a cancel or an interrupt: the group, out of the pool, ends too
+            warm_pool.end(warm)
+            raise
         warm.ray.close()  # the taker holds its own connection to the same Ray
         logger.info("Took the %d warm %s worker(s) an earlier run left", len(warm.group),
                     backend.name)
