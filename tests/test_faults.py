@@ -58,6 +58,26 @@ def test_sigkilled_worker_restarts_and_ends_bit_identical(tmp_path, reference, k
     assert_no_train_actors()
 
 
+@pytest.mark.timeout(300)
+def test_a_lost_worker_restarts_without_waiting_for_a_peer_stuck_in_a_collective(
+        tmp_path, reference, monkeypatch):
+    """A lost worker decides the failure, so the driver does not wait out the error window for
+    its peer, which waits for the dead rank (killed at the first step of an epoch: the peer is
+    in the epoch's first allreduce or still in its sync report of the last one). With a window
+    of an hour the run still restarts, resumes and ends bit-identical (before, it waited the
+    hour)."""
+    monkeypatch.setenv("PREFECT_DISTRAIN_ERROR_GATHER_TIMEOUT_S", "3600")
+    run = pd.RunConfig(name="lost", storage=str(tmp_path))
+    with pd.Trainer(num_workers=2, run=run, failure=pd.FailureConfig(max_failures=1)) as trainer:
+        result = trainer.fit(deterministic_loop, config={"epochs": EPOCHS,
+                                                         "kills": {0: [2, 0, 1]}})
+    assert result.failures == 1 and all(same_weights(r, reference) for r in result.worker_results)
+    attempts = ledger(str(tmp_path), "lost")
+    assert [a["status"] for a in attempts] == ["failed", "completed"]
+    assert attempts[0]["cause"].startswith("WorkerLostError: rank 1's worker died")
+    assert_no_train_actors()
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_prefect_retry_resumes_from_the_latest_checkpoint(tmp_path, reference):
 

@@ -5,8 +5,9 @@
 (hangs, stragglers, the deadline), and returns a frozen ``PollStatus``: what every rank
 returned or raised, the ranks a stop had to end, the checkpoint after which an elastic group
 should grow back, or that the deadline passed. After the first failure it waits only a short
-window for the other ranks' outcomes (PREFECT_DISTRAIN_ERROR_GATHER_TIMEOUT_S); after a stop or
-the deadline, the grace period (PREFECT_DISTRAIN_STOP_GRACE_S).
+window for the other ranks' outcomes (PREFECT_DISTRAIN_ERROR_GATHER_TIMEOUT_S; once a worker is
+lost, LOST_GATHER_S at most); after a stop or the deadline, the grace period
+(PREFECT_DISTRAIN_STOP_GRACE_S).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from .iterations import Iterations, PendingCommits
 #: How often the driver looks at the callbacks (a fatal error, a stop) and the run's lease
 #: while it waits for the workers.
 POLL_S = 0.5
+#: Once a worker is lost, how much longer the driver gathers outcomes: the other ranks of a
+#: lost node come within milliseconds, and the survivors' errors would not change the decision
+#: (a lost worker wins, worker_errors.py); they wait for the dead peer (in a collective, or
+#: for a commit that needs its report), so the whole window would only delay the restart.
+LOST_GATHER_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ def poll_workers(group: Any, generators: list, iterations: Iterations, commits: 
     errors: dict[int, Any] = {}
     finished: dict[int, int] = {}  # rank -> its last iteration, once its function returned
     gather_deadline: float | None = None
+    gathering_errors = False  # the deadline is the error window's (not a stop's or a preemption's)
     looked_after: int | None = None  # the commit after which the cluster was looked at
     while pending:
         if callbacks.error is not None:
@@ -197,9 +204,14 @@ def poll_workers(group: Any, generators: list, iterations: Iterations, commits: 
                         finished[rank] = iterations.last.get(rank, iterations.first - 1)
                     else:
                         errors[rank] = payload
-                        if gather_deadline is None:
-                            gather_deadline = (time.monotonic()
-                                               + settings.settings().error_gather_timeout_s)
+                        lost = isinstance(payload, WorkerLostError)
+                        if gather_deadline is None or (lost and gathering_errors):
+                            window = settings.settings().error_gather_timeout_s
+                            if lost:
+                                window = min(window, LOST_GATHER_S)
+                            gather_deadline = min(gather_deadline or float("inf"),
+                                                  time.monotonic() + window)
+                            gathering_errors = True
         if finished and not errors and watch.preempted is None \
                 and (stranded := iterations.stranded(finished)):
             raise stranded
