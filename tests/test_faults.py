@@ -59,7 +59,7 @@ def test_sigkilled_worker_restarts_and_ends_bit_identical(tmp_path, reference, k
 
 
 @pytest.mark.timeout(300)
-def test_a_lost_worker_restarts_without_waiting_for_a_peer_stuck_in_a_collective(
+def test_a_lost_worker_restarts_without_waiting_out_the_error_window(
         tmp_path, reference, monkeypatch):
     """A lost worker decides the failure, so the driver does not wait out the error window for
     its peer, which waits for the dead rank (killed at the first step of an epoch: the peer is
