@@ -39,7 +39,8 @@ class DistrainSettings(BaseSettings):
     error_gather_timeout_s: float = Field(
         default=2.0, ge=0, description="After the first worker fails, how long to wait for the "
         "other ranks' outcomes: long enough to see that every rank hit the same bug, short "
-        "enough not to stall.")
+        "enough not to stall. Once a worker is lost, 0.5 s at most: a lost worker decides the "
+        "failure, and its peers wait for it.")
     lease_timeout_s: float = Field(
         default=60.0, gt=0, description="A run's writer renews its lease every quarter of this; "
         "a lease not renewed for this long is taken over by the next writer of the run name "
