@@ -394,6 +394,48 @@ def test_a_worker_killed_mid_upload_leaves_a_torn_folder_that_is_never_used(tmp_
     assert_no_train_actors()
 
 
+def late_file_loop(config):
+    """Rank 1's folder gains a file after its report listed the files, while it waits for the
+    driver's plan (which needs rank 0's report: rank 0 reports only once the file is there)."""
+    import threading
+    import time
+
+    from prefect_distrain.session import current_session
+
+    rank = pd.get_context().get_world_rank()
+    flag = os.path.join(config["shared"], "late-file-written")
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, f"shard_{rank}.pt"), "w") as handle:
+            handle.write(str(rank))
+        if rank == 1:
+            session = current_session()
+
+            def write_late() -> None:
+                while session.busy != "uploading checkpoint 1":  # its files are listed
+                    time.sleep(0.01)
+                with open(os.path.join(folder, "late.txt"), "w") as handle:
+                    handle.write("written after the report")
+                open(flag, "w").close()
+
+            threading.Thread(target=write_late, daemon=True).start()
+        else:
+            while not os.path.exists(flag):
+                time.sleep(0.01)
+        pd.report({"step": 0}, checkpoint=pd.Checkpoint.from_directory(folder))
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_folder_that_changed_after_its_report_is_never_committed(tmp_path):
+    run = pd.RunConfig(name="late", storage=str(tmp_path / "runs"))
+    with pytest.raises(pd.ConfigurationError,
+                       match=r"checkpoint 1: rank 1's folder changed between its report and its "
+                             r"upload \(gone: \[\], new: \['late.txt'\]\); it was not committed"):
+        with pd.Trainer(num_workers=2, run=run) as trainer:
+            trainer.fit(late_file_loop, config={"shared": str(tmp_path)})
+    assert listing({"storage": str(tmp_path / "runs"), "storage_options": {}}, "late")[1] == []
+    assert_no_train_actors()
+
+
 class RunsCode:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..checkpoints.fs import redact_url
 from ..checkpoints.manager import upload_plan
 from ..checkpoints.manifest import FileEntry
-from ..exceptions import UnequalReportsError
+from ..exceptions import ConfigurationError, UnequalReportsError
 from ..session.auto import AUTO_PASS_KEY
 from .dispatch import Callbacks
 
@@ -66,6 +66,7 @@ class PendingCommits:
     def plan(self, index: int, names_by_rank: dict[int, list[str]]) -> None:
         """Every rank reported checkpoint ``index``: tell the ranks above 0 that wrote files
         which of them a lower rank uploads (they wait for this before uploading)."""
+        self.waiting.setdefault(index, {"files": {}})["names"] = names_by_rank
         if self.world_size > 1:
             self.group.plan_uploads(index, upload_plan(names_by_rank))
 
@@ -82,6 +83,7 @@ class PendingCommits:
         if "ranks" not in entry or set(entry["files"]) != entry["ranks"]:
             return
         del self.waiting[index]
+        _check_uploaded_as_reported(index, entry)
         manager = self.spec.checkpoints
         manifest = manager.commit(index, self.spec.attempt, entry["files"], entry["metrics"],
                                   world_size=self.world_size, backend=self.spec.backend_name,
@@ -102,6 +104,19 @@ class PendingCommits:
         """Record the validations that ended and start waiting ones (every poll turn)."""
         if self.spec.validations is not None:
             self.spec.validations.poll()
+
+
+def _check_uploaded_as_reported(index: int, entry: dict[str, Any]) -> None:
+    """Each rank's uploaded and skipped files are the ones its report named: a folder that
+    changed in between (files still being written by another thread) is never committed."""
+    for rank, names in sorted(entry.get("names", {}).items()):
+        went = set(entry["files"].get(rank, {})) | set(entry.get("skipped", {}).get(rank, {}))
+        if went != set(names):
+            missing, extra = sorted(set(names) - went), sorted(went - set(names))
+            raise ConfigurationError(
+                f"checkpoint {index}: rank {rank}'s folder changed between its report and its "
+                f"upload (gone: {missing}, new: {extra}); it was not committed. Finish writing "
+                "a checkpoint's files before report() (wait for your own async save first)")
 
 
 def _positions(reports: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
