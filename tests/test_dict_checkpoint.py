@@ -9,6 +9,8 @@ import datetime
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import fsspec
 import numpy as np
@@ -230,3 +232,103 @@ def test_a_committed_dict_checkpoint_reads_back_from_the_runs_storage(tmp_path):
         handle.write(" ")
     with pytest.raises(pd.CheckpointCorruptError, match="does not match its manifest"):
         checkpoint.to_dict()
+
+
+# -- background=True: the loop waits for a copy, a thread writes the files ---------------------
+
+def snapshot(state_dict: dict) -> dict:
+    return collections.OrderedDict((k, v.clone()) for k, v in state_dict.items())
+
+
+def test_a_background_checkpoint_holds_the_state_as_it_was_when_taken():
+    """Changed in place at once, then taken again into the same host buffers: each checkpoint
+    reads back the values it was taken with, in the same files as one written in the loop."""
+    state = trained_state()
+    big = torch.zeros(8 << 20)  # 32 MB: its write is still under way when the next is taken
+    data = {"model": state["model"], "optimizer": state["optimizer"], "big": big,
+            "history": [1.0], "weights": np.zeros(4)}
+    expected = [{"model": snapshot(state["model"]), "big": 0.0,
+                 "history": [1.0], "weights": 0.0}]
+    first = pd.Checkpoint.from_dict(data, background=True)
+    with torch.no_grad():
+        for tensor in state["model"].values():
+            tensor.add_(1)
+    big.fill_(1)
+    data["history"].append(2.0)
+    data["weights"][:] = 1
+    expected.append({"model": snapshot(state["model"]), "big": 1.0,
+                     "history": [1.0, 2.0], "weights": 1.0})
+    second = pd.Checkpoint.from_dict(data, background=True)
+    big.fill_(2)
+    data["history"].append(3.0)
+
+    for checkpoint, want in zip((first, second), expected):
+        back = checkpoint.to_dict()
+        assert_same(back["model"], want["model"])
+        assert torch.equal(back["big"], torch.full_like(big, want["big"]))
+        assert back["history"] == want["history"]
+        assert np.array_equal(back["weights"], np.full(4, want["weights"]))
+        assert files_of(checkpoint.path) == files_of(pd.Checkpoint.from_dict(data).path)
+    assert back["optimizer"]["state"][0]["momentum_buffer"].shape == (4, 3)
+
+
+def test_a_failed_background_write_is_raised_by_every_reader(tmp_path):
+    """A real write error (a file size limit: a short write, as on a full disk), in a process
+    of its own: ``to_dict`` raises torch.save's error each time, naming background=True."""
+    script = tmp_path / "write.py"
+    script.write_text(
+        "import resource, signal, torch, prefect_distrain as pd\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE,\n"
+        "                   (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "checkpoint = pd.Checkpoint.from_dict({'w': torch.zeros(1 << 20)}, background=True)\n"
+        "for _ in range(2):\n"
+        "    try:\n"
+        "        checkpoint.to_dict()\n"
+        "    except RuntimeError as error:\n"
+        "        print('raised:', error)\n")
+    root = os.path.dirname(os.path.dirname(pd.__file__))  # the package under test
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all(
+        "Checkpoint.from_dict(..., background=True) could not write" in line
+        and "unexpected pos" in line for line in lines), done.stdout  # torch.save's short write
+
+
+def background_loop(config):
+    """Rank 0 reports a background dict checkpoint each epoch, then changes its weights in
+    place at once; returns the folders it reported."""
+    weights = torch.zeros(1 << 20)
+    folders = []
+    for epoch in range(3):
+        weights.fill_(float(epoch))
+        checkpoint = None
+        if pd.get_context().get_world_rank() == 0:
+            checkpoint = pd.Checkpoint.from_dict({"epoch": epoch, "w": weights},
+                                                 background=True)
+            folders.append(checkpoint.path)
+        pd.report({"epoch": epoch}, checkpoint=checkpoint)
+        weights.fill_(-1.0)
+    return folders
+
+
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("upload", ["sync", "async"])
+def test_a_background_checkpoint_commits_what_was_reported(storage_kind, upload):
+    run = pd.RunConfig(name=f"background-{upload}", **storage_kind)
+    with pd.Trainer(num_workers=2, run=run,
+                    checkpoint=pd.CheckpointConfig(upload=upload)) as trainer:
+        result = trainer.fit(background_loop)
+    assert sorted(c.index for c, _ in result.best_checkpoints) == [1, 2, 3]
+    for checkpoint, metrics in result.best_checkpoints:
+        full = pd.Checkpoint(checkpoint.path, storage_kind["storage_options"],
+                             checkpoint.manifest)
+        back = full.to_dict()
+        assert back["epoch"] == metrics["epoch"]
+        assert torch.equal(back["w"], torch.full((1 << 20,), float(metrics["epoch"])))
+        assert sorted(checkpoint.manifest.files) == [DICT_INDEX, DICT_TORCH]
+    reported = result.worker_results[0]
+    assert len(reported) == 3 and not any(os.path.exists(f) for f in reported), \
+        "each folder is removed once uploaded"

@@ -1,5 +1,6 @@
 """The GPU path end to end: nccl process group, one device per worker, AMP in fp16 with a
-gradient scaler, automatic checkpoints across a SIGKILL, and the quickstart with use_gpu=True.
+gradient scaler, automatic checkpoints across a SIGKILL, background checkpoints of GPU state,
+and the quickstart with use_gpu=True.
 Skipped on machines without a CUDA GPU (CI has none)."""
 
 from __future__ import annotations
@@ -79,3 +80,32 @@ def test_quickstart_on_the_gpu(tmp_path, monkeypatch, prefect_server):
     module = load_flow("quickstart")
     monkeypatch.setenv("QUICKSTART_STORAGE", str(tmp_path))
     assert module.quickstart(epochs=8, num_workers=1, use_gpu=True) > 0.9
+
+
+def background_gpu_loop(config):
+    """A 1 GB state on the GPU, checkpointed in the background, then changed at once by kernels
+    on the same stream (the copies queued before them must land first)."""
+    device = pd.torch.get_device()
+    state = {"w": torch.empty(1 << 28, device=device), "step": torch.zeros(1, device=device)}
+    for epoch in range(3):
+        state["w"].fill_(float(epoch))
+        state["step"].fill_(float(epoch))
+        checkpoint = pd.Checkpoint.from_dict(state, background=True)
+        state["w"].mul_(-1.0).sub_(100.0)  # queued behind the copies, not before them
+        state["step"].fill_(-1.0)
+        pd.report({"epoch": epoch}, checkpoint=checkpoint)
+    return str(device)
+
+
+def test_a_background_checkpoint_of_gpu_state_holds_it_as_it_was_when_taken(tmp_path):
+    scaling = pd.ScalingConfig(num_workers=1, use_gpu=True)
+    with pd.Trainer(scaling=scaling, run=pd.RunConfig(name="bg", storage=str(tmp_path)),
+                    checkpoint=pd.CheckpointConfig(upload="async", num_to_keep=3)) as t:
+        result = t.fit(background_gpu_loop)
+    assert result.worker_results == ["cuda:0"]
+    assert sorted(c.index for c, _ in result.best_checkpoints) == [1, 2, 3]
+    for checkpoint, metrics in result.best_checkpoints:
+        back = checkpoint.to_dict()
+        assert back["w"].device.type == "cpu" and back["w"].numel() == 1 << 28
+        assert bool((back["w"] == float(metrics["epoch"])).all())
+        assert back["step"].item() == float(metrics["epoch"])

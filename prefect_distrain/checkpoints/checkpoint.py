@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import fsspec
 
 from ..exceptions import CheckpointCorruptError, ConfigurationError, UnsafeCheckpointError
+from . import background as background_writes
 from .fs import file_digest, filesystem, is_local, redact_url
 from .validation import COMMITTED, ValidationRecord
 
@@ -91,7 +92,7 @@ class Checkpoint:
         return cls(os.path.abspath(path))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
+    def from_dict(cls, data: Mapping[str, Any], background: bool = False) -> Checkpoint:
         """A checkpoint of ``data`` in a new temporary directory (yours to remove once it is
         reported), read back with ``to_dict()``.
 
@@ -102,11 +103,24 @@ class Checkpoint:
         keys all start with ``module.`` (a DDP model's state dict) is stored without the
         prefix, so it loads into the unwrapped model. Anything else is a TypeError naming the
         key: nothing is pickled that only a full unpickler could read back.
+
+        ``background=True`` returns once ``data`` is copied (on a GPU: copies into pinned host
+        memory, queued on the current CUDA stream) and writes the files in a thread, so the
+        loop goes on while they are written. It holds one host copy of the tensors, kept for
+        the next checkpoint of the same tensors. The folder is then the report's, not yours:
+        the report uploads it once it is written and removes it after. ``to_dict`` and
+        ``as_directory`` wait for the write, and raise its error if it failed.
         """
         index, tensors, arrays = _encode_dict(data)
+        if tensors:
+            _import_torch(tensors)
         folder = tempfile.mkdtemp(prefix="dict-checkpoint-")
         try:
-            _write_dict(folder, index, tensors, arrays)
+            if background:
+                names = ([DICT_INDEX] + ([DICT_TORCH] if tensors else []) + list(arrays))
+                background_writes.start(folder, index, tensors, arrays, sorted(names))
+            else:
+                write_dict_files(folder, json.dumps(index), tensors, arrays)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -134,6 +148,7 @@ class Checkpoint:
 
     def to_directory(self, path: str | os.PathLike | None = None) -> str:
         """Copy the checkpoint's files into ``path`` (a new temporary directory if None)."""
+        background_writes.wait_written(self.path)
         target = os.fspath(path) if path is not None else tempfile.mkdtemp(prefix="checkpoint-")
         os.makedirs(target, exist_ok=True)
         fs, src = self.location()
@@ -177,6 +192,7 @@ class Checkpoint:
         your own is handed out as it is."""
         fs, src = self.location()
         if is_local(fs) and not self.manifest:
+            background_writes.wait_written(src)
             yield src
             return
         target = self.to_directory()
@@ -289,14 +305,20 @@ def _without_ddp_prefix(value: Any) -> Any:
     return stripped if type(value) is collections.OrderedDict else dict(stripped)
 
 
-def _write_dict(folder: str, index: dict[str, Any], tensors: dict[str, Any],
-                arrays: dict[str, Any]) -> None:
+def _import_torch(tensors: dict[str, Any]) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as error:  # bytes or non-string keys without any tensor
+        raise TypeError(f"Checkpoint.from_dict: the values of {sorted(tensors)} need torch to "
+                        f"be stored (install it), or {_FIX}") from error
+
+
+def write_dict_files(folder: str, index: str, tensors: dict[str, Any],
+                     arrays: dict[str, Any]) -> None:
+    """A dict checkpoint's files: ``index`` (JSON text) last, so a folder with it is whole."""
     if tensors:
-        try:
-            import torch
-        except ImportError as error:  # bytes or non-string keys without any tensor
-            raise TypeError(f"Checkpoint.from_dict: the values of {sorted(tensors)} need torch "
-                            f"to be stored (install it), or {_FIX}") from error
+        import torch
+
         torch.save(tensors, os.path.join(folder, DICT_TORCH))
     if arrays:
         import numpy
@@ -305,7 +327,7 @@ def _write_dict(folder: str, index: dict[str, Any], tensors: dict[str, Any],
         for name, array in arrays.items():
             numpy.save(os.path.join(folder, *name.split("/")), array, allow_pickle=False)
     with open(os.path.join(folder, DICT_INDEX), "w", encoding="utf-8") as handle:
-        json.dump(index, handle)  # last: a folder with the index is complete
+        handle.write(index)
 
 
 def _read_dict(folder: str, shown: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..checkpoints import background as background_writes
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.fs import is_local
 from ..checkpoints.storage import RunStorage, digests, local_files
@@ -35,6 +36,8 @@ class Staged:
     folder: str
     ours: bool
     names: list[str] = field(default_factory=list)
+    #: Written by a background thread (``from_dict(..., background=True)``): upload once done.
+    background: bool = False
 
 
 class Uploader:
@@ -55,10 +58,15 @@ class Uploader:
     def stage(self, index: int, checkpoint: Checkpoint) -> Staged:
         """The local folder to upload and its file names. Async: the files moved (or copied)
         aside first, so the training function may write there again at once."""
-        folder, ours = self._source(checkpoint)
         if self.mode == "async":
             self.wait()  # at most one upload in flight per rank
             self.raise_failed()
+        write = background_writes.pending(checkpoint.path)
+        if write is not None:  # a folder of ours, its names known before its files are written
+            return Staged(index, os.path.abspath(checkpoint.path), True, list(write.names),
+                          background=True)
+        folder, ours = self._source(checkpoint)
+        if self.mode == "async":
             if not ours:
                 folder = take_files(folder, index, move=not (
                     checkpoint.manifest is not None or self.storage.contains(folder)))
@@ -78,6 +86,8 @@ class Uploader:
 
     def _upload(self, staged: Staged) -> None:
         try:
+            if staged.background:
+                background_writes.wait_written(staged.folder)
             skip = self.wait_for_plan(staged.index) if self.wait_for_plan else []
             files = self.storage.upload(staged.folder, staged.index, self.attempt, self.rank,
                                         on_retry=self._retried, skip=skip)
