@@ -5,10 +5,13 @@ idle timeout) ends them."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
+import sys
 import time
+import weakref
 
 import pytest
 from conftest import Records, assert_no_train_actors, live_train_actors
@@ -25,8 +28,12 @@ def state_loop(config):
     import torch
     import torch.distributed as dist
 
+    class Cycle:
+        pass
+
     ctx = pd.get_context()
     deterministic = torch.are_deterministic_algorithms_enabled()
+    earlier = getattr(sys, "_warm_pool_cycle", None)  # the last run's garbage: collected
     pd.torch.enable_reproducibility(0)  # an earlier run's choices would refuse these
     pd.torch.accelerate(amp=False)
     pd.torch.prepare_model(torch.nn.Linear(2, 1))
@@ -35,7 +42,12 @@ def state_loop(config):
     found = {"pid": os.getpid(), "leak": os.environ.get("WARM_POOL_LEAK"),
              "master_port": os.environ["MASTER_PORT"], "world": dist.get_world_size(),
              "rank": dist.get_rank(), "sum": total.item(), "rank_env": os.environ["RANK"],
-             "checkpoint": pd.get_checkpoint() is not None, "deterministic": deterministic}
+             "checkpoint": pd.get_checkpoint() is not None, "deterministic": deterministic,
+             "cycle_alive": earlier is not None and earlier() is not None,
+             "cycle_before": earlier is not None, "frozen": gc.get_freeze_count() > 0}
+    cycle = Cycle()
+    cycle.me = cycle
+    sys._warm_pool_cycle = weakref.ref(cycle)
     pd.report({"step": 1})
     os.environ["WARM_POOL_LEAK"] = "left by the previous run"
     if config.get("fail"):
@@ -67,6 +79,9 @@ def test_a_second_train_in_a_flow_takes_the_first_ones_workers_clean(tmp_path):
         assert [r["leak"] for r in run] == [None, None]  # the first run's variable is gone
         assert not any(r["checkpoint"] for r in run)
         assert not any(r["deterministic"] for r in run)  # nor the first's torch settings
+        # What the workers held at their first run is frozen; the runs' cyclic garbage is not.
+        assert all(r["frozen"] for r in run) and not any(r["cycle_alive"] for r in run)
+    assert all(r["cycle_before"] for r in second)
     assert {r["master_port"] for r in second} != {r["master_port"] for r in first}
     # Another scaling starts its own group; the idle one gave way (4 CPUs hold 2 + 3 no more).
     assert not {r["pid"] for r in other} & {r["pid"] for r in first}

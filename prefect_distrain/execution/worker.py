@@ -49,6 +49,7 @@ class TrainWorker:
         #: What a warm worker goes back to between runs (``rest``): the environment it started
         #: with, before any backend or training function changed it.
         self._env_at_start = dict(os.environ)
+        self._frozen = in_process  # the caller's process is not ours to freeze
         if not in_process and threading.current_thread() is threading.main_thread():
             self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -137,6 +138,12 @@ class TrainWorker:
         """Run the training function in a thread and yield its outbox: reports, log lines and
         finished uploads, then one ``("done", value)`` or ``("error", description)``."""
         new_run()
+        if not self._frozen:
+            # What the process holds at its first run (the framework's and Ray's modules) lives
+            # as long as it does: frozen, the full collections skip it (the rest's between
+            # warm runs: 0.08-0.12 s -> 0.03 s with torch). The runs' own garbage is younger.
+            gc.freeze()
+            self._frozen = True
         session = Session(**session_args)
         self.session = session
         set_current_session(session)
