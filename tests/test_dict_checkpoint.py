@@ -298,8 +298,8 @@ def test_a_failed_background_write_is_raised_by_every_reader(tmp_path):
 
 
 def background_loop(config):
-    """Rank 0 reports a background dict checkpoint each epoch, then changes its weights in
-    place at once; returns the folders it reported."""
+    """Rank 0 reports a background dict checkpoint each epoch (reading one back first), then
+    changes its weights in place at once; returns the folders it reported."""
     weights = torch.zeros(1 << 20)
     folders = []
     for epoch in range(3):
@@ -309,6 +309,8 @@ def background_loop(config):
             checkpoint = pd.Checkpoint.from_dict({"epoch": epoch, "w": weights},
                                                  background=True)
             folders.append(checkpoint.path)
+            if epoch == 1:  # read before its report: still the report's to remove
+                assert checkpoint.to_dict()["epoch"] == 1
         pd.report({"epoch": epoch}, checkpoint=checkpoint)
         weights.fill_(-1.0)
     return folders

@@ -7,8 +7,9 @@ then writes the files from the snapshot. The host buffers are kept for the next 
 same tensors (torch's ``StateDictStager``; they go with the tensors), so each snapshot first
 waits for the previous write, which may still be reading them.
 
-Every reader of such a folder waits for its write first (``wait_written``): a report uploads it
-once written (session/uploader.py), ``to_dict`` and ``as_directory`` read it once written.
+Every reader of such a folder waits for its write first: ``to_dict`` and ``as_directory``
+(``wait_written``), and the report, which takes the folder (``claim``), uploads it once written
+and removes it after (session/uploader.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 import threading
+import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +31,18 @@ class Write:
     names: list[str]
     done: Future
 
+    def wait(self, folder: str) -> None:
+        """Returns once the files are written; raises the write's error if it failed."""
+        error = self.done.exception()
+        if error is not None:
+            raise RuntimeError(f"Checkpoint.from_dict(..., background=True) could not write "
+                               f"{folder}: {type(error).__name__}: {error}") from error
+
 
 _lock = threading.Lock()
-_stager: Any = None  # torch's StateDictStager, made on first use
+_stagers: dict[bool, Any] = {}  # torch's StateDictStager, pinned (for GPU state) or not
 _last: Future | None = None  # the last write: its snapshot's buffers are reused next
-_writes: dict[str, Write] = {}  # by folder; a failed write stays, for every reader to see
+_writes: dict[str, Write] = {}  # by folder, until a report takes it (``claim``)
 
 
 def start(folder: str, index: dict[str, Any], tensors: dict[str, Any],
@@ -51,35 +60,29 @@ def start(folder: str, index: dict[str, Any], tensors: dict[str, Any],
 
             arrays = {name: numpy.array(array, copy=True) for name, array in arrays.items()}
         done: Future = Future()
+        threading.Thread(target=_write, args=(folder, text, snapshot, arrays, events, done),
+                         name="checkpoint-write", daemon=True).start()
         _writes[os.path.abspath(folder)] = Write(names, done)
         _last = done
-    threading.Thread(target=_write, args=(folder, text, snapshot, arrays, events, done),
-                     name="checkpoint-write", daemon=True).start()
 
 
-def pending(folder: str) -> Write | None:
-    """The background write of ``folder``, if it had one not yet waited for."""
-    return _writes.get(os.path.abspath(folder))
+def claim(folder: str) -> Write | None:
+    """The background write of ``folder``, taken by the report that uploads (and then
+    removes) it; None for a folder without one."""
+    return _writes.pop(os.path.abspath(folder), None)
 
 
 def wait_written(folder: str) -> None:
     """Returns once ``folder``'s background write (if any) is done; raises its error if it
     failed. A folder without one returns at once."""
-    key = os.path.abspath(folder)
-    write = _writes.get(key)
-    if write is None:
-        return
-    error = write.done.exception()
-    if error is not None:
-        raise RuntimeError(f"Checkpoint.from_dict(..., background=True) could not write "
-                           f"{folder}: {type(error).__name__}: {error}") from error
-    _writes.pop(key, None)
+    write = _writes.get(os.path.abspath(folder))
+    if write is not None:
+        write.wait(folder)
 
 
 def _snapshot(tensors: dict[str, Any]) -> tuple[Any, list[Any]]:
     """A host copy of ``tensors`` in reused buffers, and a CUDA event per device it copied
     from (the copies are queued, not done, when this returns)."""
-    global _stager
     import torch
 
     try:
@@ -88,11 +91,12 @@ def _snapshot(tensors: dict[str, Any]) -> tuple[Any, list[Any]]:
         raise ImportError(f"Checkpoint.from_dict(..., background=True) needs torch >= 2.8 "
                           f"(torch {torch.__version__} is installed): pip install -U torch, or "
                           "leave background off") from error
-    cuda = torch.cuda.is_available()
-    if _stager is None:
-        _stager = StateDictStager(pin_memory=cuda)
-    devices = {t.device for t in _walk(tensors) if t.device.type == "cuda"} if cuda else set()
-    snapshot = _stager.stage(tensors, non_blocking=bool(devices))
+    devices = ({t.device for t in _walk(tensors) if t.device.type == "cuda"}
+               if torch.cuda.is_available() else set())
+    gpu = bool(devices)  # pinned host memory only for GPU state: pinning needs a CUDA context
+    if gpu not in _stagers:
+        _stagers[gpu] = StateDictStager(pin_memory=gpu)
+    snapshot = _stagers[gpu].stage(tensors, non_blocking=gpu)
     events = []
     for device in devices:
         event = torch.cuda.Event()
@@ -123,6 +127,8 @@ def _write(folder: str, text: str, snapshot: dict[str, Any], arrays: dict[str, A
             event.synchronize()  # the queued copies have landed in host memory
         write_dict_files(folder, text, snapshot, arrays)
     except BaseException as error:  # noqa: BLE001 - every reader of the folder raises it
+        del snapshot, arrays  # the error outlives this frame: not the state's copy with it
+        traceback.clear_frames(error.__traceback__)
         done.set_exception(error)
     else:
         done.set_result(None)

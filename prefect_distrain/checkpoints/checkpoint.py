@@ -94,7 +94,7 @@ class Checkpoint:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], background: bool = False) -> Checkpoint:
         """A checkpoint of ``data`` in a new temporary directory (yours to remove once it is
-        reported), read back with ``to_dict()``.
+        reported; with ``background=True``, the report's), read back with ``to_dict()``.
 
         Values may be JSON values (str-keyed dicts, lists, numbers, strings, bools, None; tuples
         come back as lists, as JSON has them), values holding torch tensors (a tensor, a
@@ -107,9 +107,11 @@ class Checkpoint:
         ``background=True`` returns once ``data`` is copied (on a GPU: copies into pinned host
         memory, queued on the current CUDA stream) and writes the files in a thread, so the
         loop goes on while they are written. It holds one host copy of the tensors, kept for
-        the next checkpoint of the same tensors. The folder is then the report's, not yours:
-        the report uploads it once it is written and removes it after. ``to_dict`` and
-        ``as_directory`` wait for the write, and raise its error if it failed.
+        the next checkpoint of the same tensors (report it from one rank: each rank that makes
+        one holds its own). Leave the folder to the report, which uploads it once written and
+        removes it after (one never reported stays yours). Read it before reporting it, if at
+        all: ``to_dict`` and ``as_directory`` wait for the write and raise its error; once
+        reported, read the committed checkpoint (``pd.get_checkpoint()``).
         """
         index, tensors, arrays = _encode_dict(data)
         if tensors:

@@ -36,8 +36,8 @@ class Staged:
     folder: str
     ours: bool
     names: list[str] = field(default_factory=list)
-    #: Written by a background thread (``from_dict(..., background=True)``): upload once done.
-    background: bool = False
+    #: Its files' write in a thread (``from_dict(..., background=True)``): uploaded once done.
+    write: background_writes.Write | None = None
 
 
 class Uploader:
@@ -61,10 +61,10 @@ class Uploader:
         if self.mode == "async":
             self.wait()  # at most one upload in flight per rank
             self.raise_failed()
-        write = background_writes.pending(checkpoint.path)
+        write = background_writes.claim(checkpoint.path)
         if write is not None:  # a folder of ours, its names known before its files are written
             return Staged(index, os.path.abspath(checkpoint.path), True, list(write.names),
-                          background=True)
+                          write)
         folder, ours = self._source(checkpoint)
         if self.mode == "async":
             if not ours:
@@ -86,8 +86,8 @@ class Uploader:
 
     def _upload(self, staged: Staged) -> None:
         try:
-            if staged.background:
-                background_writes.wait_written(staged.folder)
+            if staged.write is not None:
+                staged.write.wait(staged.folder)
             skip = self.wait_for_plan(staged.index) if self.wait_for_plan else []
             files = self.storage.upload(staged.folder, staged.index, self.attempt, self.rank,
                                         on_retry=self._retried, skip=skip)
