@@ -79,7 +79,7 @@ def test_a_second_train_in_a_flow_takes_the_first_ones_workers_clean(tmp_path):
         assert [r["leak"] for r in run] == [None, None]  # the first run's variable is gone
         assert not any(r["checkpoint"] for r in run)
         assert not any(r["deterministic"] for r in run)  # nor the first's torch settings
-        # What the workers held at their first run is frozen; the runs' cyclic garbage is not.
+        # What the workers held after their first setup is frozen; the runs' garbage is not.
         assert all(r["frozen"] for r in run) and not any(r["cycle_alive"] for r in run)
     assert all(r["cycle_before"] for r in second)
     assert {r["master_port"] for r in second} != {r["master_port"] for r in first}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 
+from .. import settings
 from ..backends import BackendConfig
+from .worker import freeze_heap
 from .worker_group import WorkerGroup
 
 
@@ -27,6 +29,8 @@ class BackendSetup:
 
     def group_started(self, group: WorkerGroup) -> None:
         self.backend.on_start(group, self.config)
+        if not group.local:  # local mode's rank is the caller's process: not ours to freeze
+            group.execute(freeze_heap, timeout=settings.settings().backend_setup_timeout_s)
 
     def training_starts(self, group: WorkerGroup) -> None:
         if not group.local:  # local mode: one rank in the caller's process, nothing to set up
