@@ -119,8 +119,8 @@ class Checkpoint:
         folder = tempfile.mkdtemp(prefix="dict-checkpoint-")
         try:
             if background:
-                names = ([DICT_INDEX] + ([DICT_TORCH] if tensors else []) + list(arrays))
-                background_writes.start(folder, index, tensors, arrays, sorted(names))
+                background_writes.start(folder, index, tensors, arrays,
+                                        dict_file_names(tensors, arrays))
             else:
                 write_dict_files(folder, json.dumps(index), tensors, arrays)
         except BaseException:
@@ -313,6 +313,11 @@ def _import_torch(tensors: dict[str, Any]) -> None:
     except ImportError as error:  # bytes or non-string keys without any tensor
         raise TypeError(f"Checkpoint.from_dict: the values of {sorted(tensors)} need torch to "
                         f"be stored (install it), or {_FIX}") from error
+
+
+def dict_file_names(tensors: dict[str, Any], arrays: dict[str, Any]) -> list[str]:
+    """The names of the files ``write_dict_files`` writes, in the order a folder lists them."""
+    return sorted([DICT_INDEX] + ([DICT_TORCH] if tensors else []) + list(arrays))
 
 
 def write_dict_files(folder: str, index: str, tensors: dict[str, Any],

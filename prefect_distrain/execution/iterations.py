@@ -64,7 +64,8 @@ class PendingCommits:
             self.group.plan_uploads(index, {r: [] for r in ranks})
 
     def plan(self, index: int, names_by_rank: dict[int, list[str]]) -> None:
-        """Every rank reported checkpoint ``index``: tell the ranks above 0 that wrote files
+        """Every rank reported checkpoint ``index``: keep the names each rank reported (its
+        commit checks its uploads against them) and tell the ranks above 0 that wrote files
         which of them a lower rank uploads (they wait for this before uploading)."""
         self.waiting.setdefault(index, {"files": {}})["names"] = names_by_rank
         if self.world_size > 1:
