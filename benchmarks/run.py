@@ -240,10 +240,11 @@ class Bench:
                             "mb": mb, "checkpoints": 2, "gap_s": gap})
                     blocked += result.worker_results[0]["blocked"]
                     if target == "s3" and upload == "sync":
-                        # P4's baseline in the same rounds: the shared moto server's drift
-                        # over the run hits both alike.
-                        raw["worker"] += ray.get(raw_puts.remote(raw_path, options, 2))
-                        raw["driver"] += timed_puts(raw_path, options, 2)
+                        # P4's baseline in the same rounds and with the same quiet after each
+                        # put: moto spools what it takes to disk, and a put's write-back
+                        # slows the next upload, ours or raw.
+                        raw["worker"] += ray.get(raw_puts.remote(raw_path, options, 2, gap))
+                        raw["driver"] += timed_puts(raw_path, options, 2, gap)
                 stalls[upload] = blocked
                 self.figures[f"P3 stall per checkpoint, {target}, {upload} (s)"] = spread(blocked)
             ratio = statistics.median(stalls["async"]) / statistics.median(stalls["sync"])
@@ -500,8 +501,9 @@ class Bench:
             "met": largest["latency_p99_steady_ms"] <= 100 and largest["latency_growth"] <= 1.5}
 
 
-def timed_puts(path: str, options: dict, count: int) -> list[float]:
-    """``s3fs.put_file`` of ``path``, timed ``count`` times, in this process."""
+def timed_puts(path: str, options: dict, count: int, gap_s: float = 0.0) -> list[float]:
+    """``s3fs.put_file`` of ``path``, timed ``count`` times, in this process, each followed by
+    ``gap_s`` of quiet (as a loop's checkpoints are by its training)."""
     import s3fs
 
     fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
@@ -510,6 +512,7 @@ def timed_puts(path: str, options: dict, count: int) -> list[float]:
         began = time.time()
         fs.put_file(path, f"bench/raw/{os.getpid()}-{i}.pt")
         times.append(time.time() - began)
+        time.sleep(gap_s)
     return times
 
 
