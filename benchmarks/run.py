@@ -137,7 +137,7 @@ class Bench:
 
     def step_overhead(self) -> None:
         config = {"warmup": 20, "steps": 50 if self.quick else 200,
-                  "rounds": 1 if self.quick else 5}
+                  "rounds": 1 if self.quick else 6}
         ratios = []
         for _ in range(self.repeat):
             with pd.Trainer(num_workers=2, run=self.run_config("p2")) as trainer:
@@ -241,8 +241,8 @@ class Bench:
                     blocked += result.worker_results[0]["blocked"]
                     if target == "s3" and upload == "sync":
                         # P4's baseline in the same rounds and with the same quiet after each
-                        # put: moto spools what it takes to disk, and a put's write-back
-                        # slows the next upload, ours or raw.
+                        # put: without it, the upload after the raw puts took twice as long
+                        # (moto spools what it takes to disk).
                         raw["worker"] += ray.get(raw_puts.remote(raw_path, options, 2, gap))
                         raw["driver"] += timed_puts(raw_path, options, 2, gap)
                 stalls[upload] = blocked
