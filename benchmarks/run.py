@@ -255,7 +255,7 @@ class Bench:
                 self.sharded_upload(mb, s3)
 
     def raw_file(self, mb: int) -> str:
-        """A file of ``mb`` MB of state saved as a checkpoint's is: raw s3fs's payload."""
+        """Raw s3fs's payload: ``mb`` MB of state, saved as the P3 loop saves its checkpoint."""
         import torch
 
         path = os.path.join(self.workdir, "raw.pt")
